@@ -1,0 +1,85 @@
+"""Training objectives: the DDPM ε-loss and DiTi's masked shift loss (base / stop_grad / dual / pdae).
+
+The caller draws t and ε (the engine keys them by global sample index so results do not depend on
+the number of ranks); these functions are pure given (x0, t, ε).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .diffusion import Schedule, at_t, q_sample
+from .masks import TimestepMasks
+
+Mode = Literal["base", "stop_grad", "dual", "pdae"]
+MODES = ("base", "stop_grad", "dual", "pdae")
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor          # scalar, what backward() is called on
+    per_sample: torch.Tensor    # [B] mean over C·H·W, detached (for per-t-bucket monitoring)
+
+
+def weighted_shift_loss_ref(eps: torch.Tensor, eps_hat: torch.Tensor, g: torch.Tensor, t: torch.Tensor,
+                            sched: Schedule) -> torch.Tensor:
+    """Element-wise w_t·(ε − (ε̂ + c_t·G))², op for op the original's p_loss."""
+    c = at_t(sched.shift_coef, t, eps.ndim)
+    w = at_t(sched.weight, t, eps.ndim)
+    return w * (eps - (eps_hat + c * g)) ** 2
+
+
+def shift_loss(eps, eps_hat, g, t, sched: Schedule, fused: bool = False) -> LossOut:
+    if fused:
+        from diti_fast.kernels.diti_loss import diti_loss
+        loss, per_sample, _, _ = diti_loss(eps, eps_hat, g, t, sched.shift_coef, sched.weight)
+        return LossOut(loss, per_sample.detach())
+    elem = weighted_shift_loss_ref(eps, eps_hat.to(g.dtype), g, t, sched).float()
+    return LossOut(elem.mean(), elem.detach().flatten(1).mean(1))
+
+
+def ddpm_loss(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
+              fused: bool = False) -> LossOut:
+    """Plain ε-prediction loss used to pre-train the DDPM: mean((ε − ε_θ(x_t, t))²)."""
+    pred = unet(q_sample(sched, x0, t, noise), t)
+    if fused:
+        from diti_fast.kernels.diti_loss import ddpm_loss as ddpm_loss_kernel
+        loss, per_sample, _, _ = ddpm_loss_kernel(noise, pred, t, timesteps=sched.timesteps)
+        return LossOut(loss, per_sample.detach())
+    elem = ((noise - pred.to(noise.dtype)) ** 2).float()
+    return LossOut(elem.mean(), elem.detach().flatten(1).mean(1))
+
+
+def conditioning(z: torch.Tensor, t: torch.Tensor, masks: TimestepMasks, mode: str) -> torch.Tensor:
+    """The latent handed to the decoder for one branch of the loss.
+
+    base: z ⊙ m_t. stop_grad: same value, but only the current chunk's dims carry encoder gradient.
+    pdae: the PDAE baseline, unmasked z.
+    """
+    if mode == "pdae":
+        return z
+    if mode == "base":
+        return z * masks.cumulative(t, z.dtype)
+    if mode == "stop_grad":
+        return z.detach() * masks.receding(t, z.dtype) + z * masks.chunk(t, z.dtype)
+    raise ValueError(f"unknown conditioning mode {mode!r}")
+
+
+def diti_loss(encoder, decoder, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
+              masks: TimestepMasks, mode: str = "base", fused: bool = False, z: torch.Tensor | None = None
+              ) -> LossOut:
+    """DiTi's objective. ``dual`` sums the base and stop_grad losses, as the original."""
+    if mode not in MODES:
+        raise ValueError(f"unknown DiTi mode {mode!r}; choose one of {MODES}")
+    if z is None:
+        z = encoder(x0)
+    x_t = q_sample(sched, x0, t, noise)
+    branches = ["base", "stop_grad"] if mode == "dual" else [mode]
+    total = None
+    for branch in branches:
+        eps_hat, g = decoder(x_t, t, conditioning(z, t, masks, branch))
+        out = shift_loss(noise, eps_hat, g, t, sched, fused)
+        total = out if total is None else LossOut(total.loss + out.loss, total.per_sample + out.per_sample)
+    return total

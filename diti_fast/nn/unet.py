@@ -76,7 +76,8 @@ class UNet(nn.Module, FastOptions):
 
     # -- pieces shared with ShiftUNet
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time_embed(timestep_embedding(t, self.cfg.base_channel))
+        emb = timestep_embedding(t, self.cfg.base_channel)  # float32, as the original
+        return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
         hs, h = [], x

@@ -10,9 +10,20 @@ and the checkpoints depend on which one was trained:
 
 Both return [B, H·ch, T] with channel index head·ch + c. The original scales q and k each by
 ch^-1/4, which is the same as the usual 1/sqrt(ch) on the logits (the SDPA default).
+
+Backends (``FastConfig.attention``):
+
+* ``sdpa`` (default): ``F.scaled_dot_product_attention``. On a GPU in bf16/fp16 it runs a flash or
+  memory-efficient kernel (never materialising the T×T matrix, softmax in fp32 inside the
+  kernel); in fp32 or on CPU it may fall back to its own math path. Flash needs head_dim ≤ 256,
+  so a single 512-channel head uses the memory-efficient kernel instead.
+* ``xformers``: ``xformers.ops.memory_efficient_attention``; CUDA only and the package is optional.
+* ``math``: the original's einsum formulation op for op (softmax in fp32, as the original casts
+  the logits with ``.float()`` before it); the reference for tests.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -21,17 +32,45 @@ import torch.nn.functional as F
 BACKENDS = ("sdpa", "math", "xformers")
 
 
-def split_heads(qkv: torch.Tensor, num_heads: int, new_order: bool):
-    """[B, 3·H·ch, T] -> q, k, v each [B, H, T, ch] (views where possible)."""
-    b, width, length = qkv.shape
-    if width % (3 * num_heads):
-        raise ValueError(f"qkv width {width} is not divisible by 3 x num_heads={num_heads}")
-    ch = width // (3 * num_heads)
+def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """None when ``backend`` can run on ``device``, else a sentence saying why and what to use."""
+    if backend not in BACKENDS:
+        return f"unknown attention backend {backend!r}; choose one of {BACKENDS}"
+    if backend != "xformers":
+        return None
+    if importlib.util.find_spec("xformers") is None:
+        return ("attention backend 'xformers' needs the xformers package (pip install xformers, or the "
+                "project's [xformers] extra); use attention: sdpa instead")
+    if torch.device(device).type != "cuda":
+        return "attention backend 'xformers' has no CPU kernels; use attention: sdpa on CPU"
+    return None
+
+
+def _head_dim(qkv: torch.Tensor, num_heads: int) -> int:
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be [B, 3·H·ch, T], got shape {tuple(qkv.shape)}")
+    if num_heads < 1 or qkv.shape[1] % (3 * num_heads):
+        raise ValueError(f"qkv width {qkv.shape[1]} is not divisible by 3 x num_heads={num_heads}")
+    return qkv.shape[1] // (3 * num_heads)
+
+
+def _packed(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
+    """[B, 3·H·ch, T] as a 5-D view (B, 3, H, ch, T), whichever layout it was packed in."""
+    ch = _head_dim(qkv, num_heads)
+    b, _, length = qkv.shape
     if new_order:
-        q, k, v = qkv.reshape(b, 3, num_heads, ch, length).unbind(1)
-    else:
-        q, k, v = qkv.reshape(b, num_heads, 3, ch, length).unbind(2)
-    return q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        return qkv.reshape(b, 3, num_heads, ch, length)
+    return qkv.reshape(b, num_heads, 3, ch, length).transpose(1, 2)
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int, new_order: bool):
+    """[B, 3·H·ch, T] -> q, k, v each [B, H, T, ch] with a unit stride along ch.
+
+    One copy of the whole packed tensor (not three): the fused SDPA kernels need the last
+    dimension contiguous and otherwise fall back to the math path.
+    """
+    x = _packed(qkv, num_heads, new_order).transpose(-1, -2).contiguous()  # (B, 3, H, T, ch)
+    return x.unbind(1)
 
 
 def merge_heads(out: torch.Tensor) -> torch.Tensor:
@@ -41,9 +80,9 @@ def merge_heads(out: torch.Tensor) -> torch.Tensor:
 
 
 def _math_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
-    # The original formulation, op for op: scale q and k separately, einsum, softmax, einsum.
-    b, width, length = qkv.shape
-    ch = width // (3 * num_heads)
+    # The original formulation, op for op: scale q and k separately, einsum, fp32 softmax, einsum.
+    ch = _head_dim(qkv, num_heads)
+    b, _, length = qkv.shape
     scale = 1 / math.sqrt(math.sqrt(ch))
     if new_order:
         q, k, v = qkv.chunk(3, dim=1)
@@ -53,29 +92,29 @@ def _math_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch
     else:
         q, k, v = qkv.reshape(b * num_heads, ch * 3, length).split(ch, dim=1)
         q, k = q * scale, k * scale
-    w = torch.softmax(torch.einsum("bct,bcs->bts", q, k), dim=-1)
+    logits = torch.einsum("bct,bcs->bts", q, k)
+    # The original softmaxes logits.float(): fp32 for half types; fp64 inputs (tests) stay fp64.
+    w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(logits.dtype)
     return torch.einsum("bts,bcs->bct", w, v).reshape(b, -1, length)
 
 
 def _sdpa_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
     q, k, v = split_heads(qkv, num_heads, new_order)
-    # SDPA picks flash / memory-efficient kernels on CUDA for bf16/fp16 and falls back to math on CPU.
     return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
 
 def _xformers_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
-    try:
-        import xformers.ops as xops
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise RuntimeError(
-            "attention backend 'xformers' needs the xformers package (pip install xformers); "
-            "use attention: sdpa instead") from e
-    if not qkv.is_cuda:
-        raise RuntimeError("attention backend 'xformers' has no CPU kernels; use attention: sdpa on CPU")
-    q, k, v = split_heads(qkv, num_heads, new_order)
-    # xformers wants [B, T, H, ch]
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return merge_heads(out.transpose(1, 2))
+    reason = backend_unavailable_reason("xformers", qkv.device)
+    if reason:
+        raise RuntimeError(reason)
+    import xformers.ops as xops
+
+    x = _packed(qkv, num_heads, new_order)
+    # xformers wants [B, T, H, ch] with a unit stride along ch: one copy to (B, T, 3, H, ch).
+    q, k, v = x.permute(0, 4, 1, 2, 3).contiguous().unbind(2)
+    out = xops.memory_efficient_attention(q, k, v)  # [B, T, H, ch]
+    b, length, h, ch = out.shape
+    return out.reshape(b, length, h * ch).transpose(1, 2)
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool, backend: str = "sdpa") -> torch.Tensor:

@@ -282,3 +282,10 @@ def test_original_ddpm_checkpoint_fills_the_frozen_part(tmp_path):
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
     with torch.no_grad():
         assert torch.equal(dec(x, t, torch.zeros(2, 512))[0], src.eval()(x, t))
+
+
+def test_checker_passes_with_the_fused_loss_kernel(fixture_path):
+    # Under TRITON_INTERPRET=1 (set by conftest on CPU) this runs the Triton kernel itself.
+    from diti_fast.config import FastConfig
+    rows = run_check(fixture_path, FastConfig(fused_loss=True), skip_ddim=True)
+    assert all(r.ok for r in rows), [r.name for r in rows if not r.ok]

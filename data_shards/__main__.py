@@ -1,0 +1,189 @@
+"""``python -m data_shards``: make WebDataset tar shards for diti-fast, or verify them.
+
+    python -m data_shards make --source synthetic --num 10000 --image-size 32 --out data/syn
+    python -m data_shards make --source celeba --root ~/celeba --size 64 --out data/celeba64
+    python -m data_shards make --source folder --root ~/imgs --attrs labels.csv --size 64 --out d
+    python -m data_shards verify data/syn
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from diti_fast.data.errors import DataError, DataWarning
+from diti_fast.data.manifest import IMAGE_FORMATS, read_manifest
+
+from .celeba import SPLITS
+from .images import RESAMPLE
+
+SOURCES = ("synthetic", "folder", "ffhq", "lsun", "celeba")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not the uninformative None/False ones."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_shards",
+        description="Pre-process an image dataset once into WebDataset tar shards for diti-fast.",
+        formatter_class=_HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser(
+        "make",
+        help="write a shard set (tar shards + manifest.json)",
+        description=(
+            "Write tar shards of images already resized to the training resolution, with per-sample "
+            "attributes, plus manifest.json (sample count, image size, attribute names and kinds, "
+            "per-shard sha256). Re-running into the same directory keeps shards already written "
+            "with the same settings and never duplicates samples; a directory holding unrelated "
+            "files is refused."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    m.add_argument("--source", required=True, choices=SOURCES,
+                   help="synthetic: the embedded generated dataset with known factors; folder: any image tree "
+                        "(recursive), optionally with --attrs; ffhq, lsun: aliases of folder for those datasets "
+                        "exported as image folders; celeba: CelebA's official aligned layout (one shard set per split)")
+    m.add_argument("--out", required=True, type=Path,
+                   help="output directory (created if missing; must be empty or an earlier output of this tool). "
+                        "For celeba, each split goes to OUT/<split>/")
+    m.add_argument("--size", "--image-size", dest="size", type=_at_least(8), default=None,
+                   help="training resolution: images are stored as SIZE×SIZE (default 32 for synthetic, 64 otherwise)")
+    m.add_argument("--maxcount", type=_at_least(1), default=2000,
+                   help="samples per shard (the last shard may hold fewer)")
+    m.add_argument("--format", choices=IMAGE_FORMATS, default="u8",
+                   help="image storage: u8 = raw uint8 CHW bytes (no decoding when loading; fastest), "
+                        "png = lossless, smaller, slower to decode; jpg = lossy, smallest")
+    m.add_argument("--quality", type=_at_least(1), default=95, help="JPEG quality for --format jpg")
+    m.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1, help="parallel writer processes")
+    m.add_argument("--prefix", default="shard", help="shard file names are PREFIX-000000.tar, ...")
+    m.add_argument("--root", type=Path, help="input directory (folder/ffhq/lsun: the image tree; "
+                                              "celeba: the folder holding img_align_celeba/ and the list files)")
+    m.add_argument("--attrs", type=Path,
+                   help="folder: CSV of per-image attributes: header row, first column the image path relative to "
+                        "--root, one column per attribute (kinds inferred or given as name:binary, "
+                        "name:categorical, name:continuous); when given, its rows define the sample set")
+    m.add_argument("--crop", choices=("center", "none"), default="center",
+                   help="folder: 'center' crops non-square images to their central square before resizing; "
+                        "'none' resizes (squashes) the whole image")
+    m.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic", help="PIL resampling filter for resizing")
+    m.add_argument("--split", default="all",
+                   help=f"celeba: comma-separated splits to write, from {', '.join(SPLITS)}, or 'all'")
+    m.add_argument("--num", type=_at_least(1), default=10000, help="synthetic: number of images")
+    m.add_argument("--seed", type=int, default=0,
+                   help="synthetic: generator seed; other sources: seed of the storage-order shuffle")
+    m.add_argument("--no-shuffle", action="store_true",
+                   help="folder/celeba: keep sorted source order in the shards instead of a seeded shuffle "
+                        "(keys always carry the sorted index)")
+    m.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable source image instead of skipping it and counting it")
+    m.add_argument("--verify", action="store_true",
+                   help="on a re-run, re-hash existing shards before keeping them (without it: size check only)")
+    m.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+    v = sub.add_parser("verify", help="check every shard of a shard set against its manifest checksums")
+    v.add_argument("dir", type=Path, help="a directory holding manifest.json")
+    return parser
+
+
+def _make(args) -> int:
+    from .folder import plan_folder, shuffled
+    from .synthetic import make_synthetic_shards
+    from .writer import write_shards
+
+    size = args.size or (32 if args.source == "synthetic" else 64)
+    common = dict(image_format=args.format, quality=args.quality, maxcount=args.maxcount, workers=args.workers,
+                  prefix=args.prefix, progress=not args.no_progress, verify=args.verify)
+    if args.source == "synthetic":
+        manifest = make_synthetic_shards(args.out, args.num, image_size=size, seed=args.seed, **common)
+        _report(args.out, manifest)
+        return 0
+    common.update(strict=args.strict)
+    order = (lambda items: items) if args.no_shuffle else (lambda items: shuffled(items, args.seed))
+    shuffle_cfg = {"shuffle": not args.no_shuffle, "seed": args.seed}
+    if args.source == "celeba":
+        from .celeba import plan_celeba
+        from .writer import check_out_dir
+
+        splits = SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))
+        check_out_dir(args.out, args.prefix, allowed_dirs=SPLITS)
+        by_split, attributes, render, config = plan_celeba(args.root, image_size=size, resample=args.resample)
+        for split in splits:
+            manifest = write_shards(
+                args.out / split, items=order(by_split[split]), render=render, attributes=attributes,
+                image_size=size, source="celeba", split=split, config=dict(config, split=split, **shuffle_cfg),
+                **common,
+            )
+            _report(args.out / split, manifest)
+        return 0
+    items, attributes, render, config = plan_folder(
+        args.root, args.attrs, image_size=size, crop=args.crop, resample=args.resample
+    )
+    manifest = write_shards(
+        args.out, items=order(items), render=render, attributes=attributes, image_size=size,
+        source=args.source, config=dict(config, **shuffle_cfg), **common,
+    )
+    _report(args.out, manifest)
+    return 0
+
+
+def _report(out: Path, manifest: dict) -> None:
+    total = sum(s.get("bytes", 0) for s in manifest["shards"])
+    print(f"{out}: {manifest['num_samples']} samples, {len(manifest['shards'])} shards, "
+          f"{manifest['image_size']}px {manifest['image_format']}, {len(manifest['attributes'])} attributes, "
+          f"{total / 2**20:.1f} MiB")
+
+
+def _verify(args) -> int:
+    from .tarwrite import file_sha256
+
+    manifest = read_manifest(args.dir)
+    bad = [s["name"] for s in manifest["shards"]
+           if not Path(s["path"]).is_file() or file_sha256(s["path"]) != s["sha256"]]
+    for name in bad:
+        print(f"{args.dir / name}: missing or checksum mismatch", file=sys.stderr)
+    print(f"{args.dir}: {len(manifest['shards']) - len(bad)}/{len(manifest['shards'])} shards OK")
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "make":
+        if args.source != "synthetic" and args.root is None:
+            parser.error(f"--source {args.source} needs --root")
+        if args.split != "all" and any(s.strip() not in SPLITS for s in args.split.split(",")):
+            parser.error(f"--split: choose from {', '.join(SPLITS)} (comma-separated) or 'all'")
+        if args.attrs is not None and args.source == "celeba":
+            parser.error("--attrs is for folder sources; celeba reads list_attr_celeba.txt")
+    warnings.simplefilter("always", DataWarning)
+    try:
+        return _make(args) if args.command == "make" else _verify(args)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

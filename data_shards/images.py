@@ -1,0 +1,37 @@
+"""Source-image preprocessing shared by the folder and CelebA sources: load, crop, resize."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+def load_rgb(path) -> Image.Image:
+    """Fully decoded RGB image (EXIF orientation applied); raises on unreadable files."""
+    with Image.open(path) as img:
+        img.load()  # force the decode here, so truncated files fail inside the caller's try
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+def center_square(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def resize_square(img: Image.Image, size: int, resample: str) -> np.ndarray:
+    """H×W×3 uint8 at ``size``×``size`` (PIL's own antialiased resize)."""
+    if img.size != (size, size):
+        img = img.resize((size, size), RESAMPLE[resample])
+    return np.asarray(img, dtype=np.uint8)

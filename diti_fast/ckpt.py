@@ -1,0 +1,200 @@
+"""Training checkpoints: atomic, per rank, weights-only loadable, the last K kept; signal handling.
+
+Layout of one checkpoint (``RUN/checkpoints/step-00001234/``)::
+
+    model.pt        rank 0: {"module": full state dict (frozen DDPM included), "ema": {name: fp32}}
+    rank-00000.pt   every rank: {"optimizer": its (ZeRO-partitioned) optimiser state, "rng": ...,
+                    "data": data position}
+    meta.json       written last: step, images, world_size, zero_stage, stage, files
+
+All ranks write into ``.tmp-step-00001234`` and rank 0 renames the finished directory into place,
+so a checkpoint directory either is complete or does not exist (a crash mid-write leaves only a
+``.tmp-*`` directory, removed by the next save). Every file is plain tensors/ints/strings and loads
+with ``torch.load(weights_only=True)``: DeepSpeed's ZeRO optimiser state holds a few Python objects
+(its loss scaler, parameter-slice maps, an enum) that the weights-only unpickler refuses; those are
+dropped on save and taken from the live optimiser on load (they are functions of the config, which
+resume checks is unchanged).
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint exists but cannot be resumed into this launch (names what differs)."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with meta.json), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / "meta.json").is_file():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+# --------------------------------------------------------------------------- weights-only sanitising
+
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None))
+
+
+def _plain(v) -> bool:
+    if isinstance(v, enum.Enum):
+        return False
+    if isinstance(v, _PLAIN):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, (str, int)) and _plain(x) for k, x in v.items())
+    return False
+
+
+def weights_only_part(state: dict) -> dict:
+    """The entries of a (possibly DeepSpeed) optimiser state dict the weights-only loader accepts."""
+    return {k: v for k, v in state.items() if _plain(v)}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / load
+
+def _fsync_write(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(root: Path, step: int, *, rank: int, world_size: int, barrier, model_state: dict | None,
+         rank_state: dict, meta: dict, keep: int) -> Path:
+    """Collective: every rank calls it. ``model_state`` is used on rank 0 only."""
+    root = Path(root)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    _fsync_write(tmp / f"rank-{rank:05d}.pt", rank_state)
+    if rank == 0:
+        _fsync_write(tmp / "model.pt", model_state)
+    barrier()
+    if rank == 0:
+        files = sorted(p.name for p in tmp.iterdir())
+        meta = dict(meta, step=step, world_size=world_size, files=files, time=time.time())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeError(f"{ckpt}/meta.json is unreadable ({e})") from None
+
+
+def load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ResumeError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ResumeError(f"{path}: not a weights-only torch file ({e})") from None
+
+
+def check_compatible(meta: dict, ckpt: Path, *, world_size: int, zero_stage: int, stage: str) -> None:
+    problems = []
+    if meta.get("world_size") != world_size:
+        problems.append(f"it was written by {meta.get('world_size')} ranks, this launch has {world_size}")
+    if meta.get("zero_stage") != zero_stage:
+        problems.append(f"deepspeed.zero_stage was {meta.get('zero_stage')}, now {zero_stage}")
+    if meta.get("stage") != stage:
+        problems.append(f"stage was {meta.get('stage')!r}, now {stage!r}")
+    if problems:
+        raise ResumeError(f"cannot resume from {ckpt}: " + "; ".join(problems) +
+                          " (the optimiser state is partitioned per rank; relaunch with the same layout, "
+                          "or set checkpoint.resume=false / a new run.dir to start afresh)")
+
+
+# --------------------------------------------------------------------------- signals
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop polls; a second SIGINT interrupts at once."""
+
+    def __init__(self, enabled: bool = True):
+        self.pending: int | None = None
+        self._previous = {}
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread: leave the default behaviour
+                    pass
+
+    def _handle(self, signum, frame):
+        if self.pending is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.pending = signum
+
+    def close(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}

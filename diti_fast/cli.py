@@ -1,0 +1,62 @@
+"""The ``diti-fast`` console script.
+
+    diti-fast train --config celeba64 [key=value ...]     (= python diti_fast/train.py ...)
+    diti-fast data make --source synthetic --num 10000 --out data/syn   (= python -m data_shards ...)
+    diti-fast check FIXTURE.pt                            (= python -m diti_fast.reference.check ...)
+    diti-fast demo                                        (= python -m diti_fast.demo, what `make demo` runs)
+    diti-fast eval ... / diti-fast sample ...             (when diti_fast.eval.cli is installed)
+
+Multi-GPU launches go through a launcher and the script path, e.g.
+``deepspeed --num_gpus 8 diti_fast/train.py --config celeba64``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _forward(module: str, prog: str):
+    """A handler passing the remaining arguments to another command's main(argv)."""
+    def run(args) -> int:
+        mod = importlib.import_module(module)
+        if module == "diti_fast.train":
+            return mod.main(args.rest, prog=prog)
+        return mod.main(args.rest)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="diti-fast", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Run 'diti-fast COMMAND --help' for a command's options.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module, helptext in (
+        ("train", "diti_fast.train", "train a DDPM (stage=ddpm) or DiTi (stage=diti); one process"),
+        ("data", "data_shards.__main__", "make or verify WebDataset shards (python -m data_shards)"),
+        ("check", "diti_fast.reference.check", "check the implementation against a golden fixture"),
+        ("demo", "diti_fast.demo", "the CPU demo: synthetic shards -> DDPM -> DiTi -> export -> report"),
+    ):
+        p = sub.add_parser(name, help=helptext, add_help=False, prefix_chars="\0")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_forward(module, f"diti-fast {name}"))
+    # The evaluation engineer's commands (eval ..., sample) register themselves through this hook
+    # when their module is present; an installation without it simply lacks those commands.
+    try:
+        eval_cli = importlib.import_module("diti_fast.eval.cli")
+    except ModuleNotFoundError as e:
+        if e.name not in ("diti_fast.eval.cli", "diti_fast.eval"):
+            raise
+        eval_cli = None
+    if eval_cli is not None and hasattr(eval_cli, "add_subcommands"):
+        eval_cli.add_subcommands(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The manifest that describes one shard set: written by ``data_shards``, read by the loader.
+
+Schema (JSON, one object)::
+
+    format        "diti-fast-shards" (lets the writer recognise its own output directories)
+    version       1
+    num_samples   total samples in all shards
+    image_size    side of the square images, pixels
+    channels      3
+    image_format  "u8" (raw uint8, CHW), "png" or "jpg"
+    attributes    [{name, kind: binary|categorical|continuous, num_classes?, classes?, group?}]
+    shards        [{name, num_samples, sha256, bytes}]  (names relative to the manifest)
+    source, split, params, fingerprint  (provenance; used for idempotent re-runs)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import DataFormatError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_TAG = "diti-fast-shards"
+FORMAT_VERSION = 1
+ATTRIBUTE_KINDS = ("binary", "categorical", "continuous")
+IMAGE_FORMATS = ("u8", "png", "jpg")
+
+
+def manifest_path(dir_or_file: str | os.PathLike) -> Path:
+    p = Path(dir_or_file)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def read_manifest(dir_or_manifest_path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a manifest; ``shards[i]["path"]`` is added as an absolute path."""
+    path = manifest_path(dir_or_manifest_path)
+    if not path.is_file():
+        hint = ""
+        parent = Path(dir_or_manifest_path)
+        if parent.is_dir():
+            subsets = sorted(d.name for d in parent.iterdir() if (d / MANIFEST_NAME).is_file())
+            if subsets:
+                hint = f"; it holds shard sets {', '.join(subsets)} (pass one of those directories)"
+        raise FileNotFoundError(f"{path}: no shard manifest{hint}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    validate_manifest(manifest, path)
+    for shard in manifest["shards"]:
+        shard["path"] = str((path.parent / shard["name"]).resolve())
+    return manifest
+
+
+def validate_manifest(manifest: Any, where: str | os.PathLike = "manifest") -> None:
+    def fail(msg: str) -> None:
+        raise DataFormatError(f"{where}: {msg}")
+
+    if not isinstance(manifest, dict):
+        fail("top level is not an object")
+    if manifest.get("format") != FORMAT_TAG:
+        fail(f"format is {manifest.get('format')!r}, expected {FORMAT_TAG!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        fail(f"unsupported version {manifest.get('version')!r}")
+    for key in ("num_samples", "image_size", "channels", "image_format", "attributes", "shards"):
+        if key not in manifest:
+            fail(f"missing key {key!r}")
+    if manifest["image_format"] not in IMAGE_FORMATS:
+        fail(f"image_format {manifest['image_format']!r} not one of {IMAGE_FORMATS}")
+    for i, attr in enumerate(manifest["attributes"]):
+        if not isinstance(attr, dict) or "name" not in attr or attr.get("kind") not in ATTRIBUTE_KINDS:
+            fail(f"attributes[{i}] needs a name and a kind in {ATTRIBUTE_KINDS}: {attr!r}")
+        if attr["kind"] == "categorical" and not isinstance(attr.get("num_classes"), int):
+            fail(f"attributes[{i}] ({attr['name']}) is categorical but has no integer num_classes")
+    total = 0
+    for i, shard in enumerate(manifest["shards"]):
+        for key in ("name", "num_samples", "sha256"):
+            if key not in shard:
+                fail(f"shards[{i}] missing key {key!r}")
+        total += shard["num_samples"]
+    if total != manifest["num_samples"]:
+        fail(f"shard sample counts add up to {total}, but num_samples is {manifest['num_samples']}")
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Atomic write: a crash never leaves a half-written manifest that looks complete."""
+    validate_manifest(manifest, "manifest to write")
+    path = Path(out_dir) / MANIFEST_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    clean = dict(manifest)
+    clean["shards"] = [{k: v for k, v in s.items() if k != "path"} for s in manifest["shards"]]
+    tmp.write_text(json.dumps(clean, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,112 @@
+"""A lean reader of tar members from a byte stream.
+
+Python's ``tarfile`` (which webdataset's ``tar_file_iterator`` wraps) spends ~30 µs decoding
+every header; with two members per sample that alone caps a worker at a few thousand small
+images per second. This reader handles what shard writers produce — ustar/GNU/pax headers,
+long names, regular files — with one checksum and two integer fields per header, and yields the
+same ``{fname, data}`` records webdataset's ``group_by_keys`` consumes. Compressed archives are
+not its job: ``tario`` hands those to webdataset's ``tarfile``-based iterator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 512
+_REGULAR = (ord("0"), 0, ord("7"))
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+
+class TarFormatError(ValueError):
+    pass
+
+
+def looks_compressed(head: bytes) -> bool:
+    return head.startswith(_COMPRESSED_MAGIC)
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes ≥ 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def checksum_ok(hdr: bytes) -> bool:
+    stored = _number(hdr[148:156])
+    # The sum treats the checksum field as eight spaces; one vectorised reduction per header.
+    total = int(np.frombuffer(hdr, np.uint8).sum()) - sum(hdr[148:156]) + 8 * 32
+    if stored == total:
+        return True
+    # Some old writers summed signed chars.
+    high = sum(1 for b in hdr if b >= 128) - sum(1 for b in hdr[148:156] if b >= 128)
+    return stored == total - 256 * high
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def iter_members(read, head: bytes = b"", url: str | None = None):
+    """Yield ``{"fname", "data", "__url__"}`` for each regular file, except webdataset-style
+    ``__meta__`` members. ``read(n)`` reads from the stream; ``head`` holds bytes already read
+    from its start. Raises TarFormatError on damage."""
+    long_name = None
+    pax: dict[str, str] = {}
+    pending = head
+    while True:
+        if pending:
+            hdr = pending + read(BLOCK - len(pending))
+            pending = b""
+        else:
+            hdr = read(BLOCK)
+        if len(hdr) < BLOCK:
+            if not hdr:
+                return  # archive without end blocks: accept, the data ended cleanly
+            raise TarFormatError(f"truncated header ({len(hdr)} bytes)")
+        if hdr.count(0) == BLOCK:
+            return  # end-of-archive marker
+        try:
+            if not checksum_ok(hdr):
+                raise TarFormatError("header checksum mismatch")
+            size = _number(hdr[124:136])
+        except ValueError as exc:
+            raise TarFormatError(f"malformed header ({exc})") from None
+        kind = hdr[156]
+        if "size" in pax:
+            size = int(pax["size"])
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        body = read(padded)
+        if len(body) < size:
+            raise TarFormatError(f"truncated member data ({len(body)} of {size} bytes)")
+        data = body if padded == size else body[:size]
+        if kind in _REGULAR:
+            if long_name is not None:
+                name = long_name
+            elif "path" in pax:
+                name = pax["path"]
+            else:
+                name = hdr[:100].split(b"\0", 1)[0]
+                if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                    name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+                name = name.decode("utf-8", "surrogateescape")
+            long_name, pax = None, {}
+            base = name[name.rfind("/") + 1:]
+            if not (base.startswith("__") and base.endswith("__")):
+                yield {"fname": name, "data": data, "__url__": url}
+        elif kind == ord("L"):
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == ord("x"):
+            try:
+                pax = _pax_records(data)
+            except ValueError as exc:
+                raise TarFormatError(f"malformed pax header ({exc})") from None
+        else:  # directories, links, global pax headers, ...: nothing to yield
+            long_name, pax = None, {}

@@ -1,0 +1,610 @@
+"""diti-fast's training engine: DDPM pre-training and DiTi under DeepSpeed, in one readable loop.
+
+    deepspeed --num_gpus 8 diti_fast/train.py --config celeba64
+    torchrun --nproc_per_node 8 diti_fast/train.py --config configs/celeba64.yaml
+    python diti_fast/train.py --config shapes32 stage=ddpm          # one process, CPU or one GPU
+    diti-fast train --config shapes32 optim.lr=2e-4 run.dir=runs/x   # the console script
+
+Overrides are ``dotted.key=value`` (see docs/training.md). The run directory holds the resolved
+``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-XXXXXXXX/`` and ``export/ema.safetensors``;
+relaunching the same command resumes from the latest complete checkpoint.
+
+Reading order: ``train()`` sets up (config checks, process group, run directory, models, frozen
+DDPM, DeepSpeed, resume) and then runs the loop, which per optimiser step does:
+micro-batches -> forward/backward (t and ε keyed by global sample index) -> one all-reduced
+"loss finite" flag on the device -> optimiser step (skipped on the device when not finite) -> EMA
+-> device-side metrics; host syncs only at log / checkpoint / signal-agreement steps.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (python diti_fast/train.py, the deepspeed launcher): Python put this file's
+    # folder first on sys.path, where diti_fast/data etc. would shadow same-named top-level modules.
+    # Drop it and import through the installed package instead.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+import argparse
+import contextlib
+import dataclasses
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+
+from diti_fast import ckpt, noise
+from diti_fast.checkpoint import CheckpointError, load_original_ddpm, load_state, load_weights, split_prefixed
+from diti_fast.config import ConfigError, to_dict
+from diti_fast.diffusion import make_schedule
+from diti_fast.ema import EMA
+from diti_fast.export import export_path, save_export
+from diti_fast.losses import ddpm_loss, diti_loss
+from diti_fast.masks import TimestepMasks
+from diti_fast.metrics import Logger, Meter, peak_memory_bytes
+from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet
+from diti_fast.train_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
+                                    validate_runtime)
+
+EXIT_SIGNAL = 75      # EX_TEMPFAIL: stopped early (signal, time limit) after a checkpoint; relaunch to resume
+EXIT_NONFINITE = 3    # too many consecutive non-finite losses
+EXIT_CONFIG = 2       # bad configuration / input, nothing was done
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was NaN/inf for guard.max_consecutive_nonfinite steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    status: str            # "done" | "signal" | "time_limit" (a "nonfinite" stop raises NonFiniteLoss)
+    step: int
+    run_dir: Path
+    export: Path | None = None
+    last_checkpoint: Path | None = None
+
+
+# ============================================================================ objectives
+
+class Objective(nn.Module):
+    """What DeepSpeed wraps: the models plus the loss, forward(x0, global_index) -> (loss, per_sample, t).
+
+    t and ε are drawn inside forward from (seed, global sample index), so with torch.compile they
+    fuse into the same graph as the loss.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, autocast: bool):
+        super().__init__()
+        self.stage, self.seed, self.mode = cfg.stage, cfg.run.seed, cfg.diti.mode
+        self.fused_loss = cfg.fast.fused_loss
+        self.device_type, self.autocast = device.type, autocast
+        self.sched = make_schedule(cfg.model.diffusion, device)
+        if cfg.stage == "ddpm":
+            self.unet = build_unet(cfg.model, cfg.fast)
+        else:
+            m = cfg.model
+            self.masks = TimestepMasks.build(m.masks, m.unet.latent_dim, m.diffusion.timesteps, device)
+            self.encoder = build_encoder(m, cfg.fast)
+            self.decoder = build_decoder(m, cfg.fast)
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def forward(self, x0: torch.Tensor, index: torch.Tensor):
+        t, eps = noise.draw(self.seed, index, tuple(x0.shape[1:]), self.sched.timesteps)
+        ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
+               else contextlib.nullcontext())
+        with ctx:
+            if self.stage == "ddpm":
+                out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss)
+            else:
+                out = diti_loss(self.encoder, self.decoder, x0, t, eps, self.sched, self.masks,
+                                self.mode, self.fused_loss)
+        return out.loss, out.per_sample, t
+
+
+def load_frozen_ddpm(decoder: nn.Module, cfg: TrainConfig) -> str:
+    """Fill the frozen DDPM inside the ShiftUNet from init.ddpm (our export or the original's file)."""
+    path = Path(cfg.init.ddpm)
+    if path.is_dir():
+        path = export_path(path)
+    if not path.is_file():
+        raise ConfigError(f"init.ddpm={cfg.init.ddpm}: no such file (expected a ddpm-stage run's "
+                          "export/ema.safetensors, its run directory, or an original checkpoint .pt)")
+    if path.suffix == ".safetensors":
+        tensors, meta = load_weights(path)
+        if not meta or meta.get("stage") != "ddpm":
+            raise CheckpointError(f"init.ddpm={path}: not a ddpm-stage export (metadata stage="
+                                  f"{(meta or {}).get('stage')!r})")
+        ours, theirs = to_dict(cfg.model.unet), dict(meta["model"]["unet"])
+        diffs = [f"model.unet.{k}: export has {theirs.get(k)!r}, config has {v!r}" for k, v in ours.items()
+                 if k != "latent_dim" and k != "dropout" and _norm(theirs.get(k)) != _norm(v)]
+        if to_dict(cfg.model.diffusion) != meta["model"]["diffusion"]:
+            diffs.append(f"model.diffusion: export has {meta['model']['diffusion']}, config has "
+                         f"{to_dict(cfg.model.diffusion)}")
+        if diffs:
+            raise ConfigError(f"init.ddpm={path} was trained with a different DDPM: " + "; ".join(diffs))
+        load_state(decoder, split_prefixed(tensors, "unet"), f"init.ddpm={path}", allow_missing=TRAINABLE)
+    else:
+        load_original_ddpm(decoder, path, use_ema=cfg.init.ddpm_use_ema)
+    decoder.freeze()
+    return str(path)
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+# ============================================================================ data
+
+def fixed_batch(cfg: TrainConfig, size: int) -> torch.Tensor:
+    """A deterministic uint8 global batch of smooth random images (the 'fixed' data source)."""
+    g = torch.Generator().manual_seed(cfg.run.seed + 12345)
+    low = torch.rand(cfg.data.batch_size, 3, max(1, size // 8), max(1, size // 8), generator=g)
+    img = nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return (img * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+class MicroBatches:
+    """This rank's micro-batches, endlessly, with the position needed to resume exactly.
+
+    ``position`` = (epoch, micro-batches consumed in that epoch); the loader is deterministic in
+    (seed, epoch, rank, world_size) and can skip to a batch, so resuming replays the same stream.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, micro: int, size: int, position: dict | None):
+        self.cfg, self.rank, self.world, self.micro = cfg, rank, world, micro
+        self.position = dict(position or {"epoch": 0, "batch": 0})
+        self._it = None
+        if cfg.data.source == "fixed":
+            self.fixed = fixed_batch(cfg, size)
+            self.local = cfg.data.batch_size // world
+
+    def next(self, micro_step: int) -> torch.Tensor:
+        if self.cfg.data.source == "fixed":
+            start = self.rank * self.local + micro_step * self.micro
+            return self.fixed[start:start + self.micro]
+        while True:
+            if self._it is None:
+                from diti_fast.data import train_loader
+                d = self.cfg.data
+                self._it = iter(train_loader(
+                    d.shards, batch_size=self.micro, seed=self.cfg.run.seed, rank=self.rank,
+                    world_size=self.world, num_workers=d.num_workers, hflip=d.hflip,
+                    start_epoch=self.position["epoch"], skip_batches=self.position["batch"],
+                    shuffle_buffer=d.shuffle_buffer, strict=d.strict))
+            batch = next(self._it, None)
+            if batch is None:  # end of epoch
+                self._it = None
+                self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
+                continue
+            self.position["batch"] += 1
+            return batch["image"]
+
+
+def check_shards(cfg: TrainConfig, world: int, micro: int) -> int | None:
+    """Validate the shard set before any work; returns its image size."""
+    if cfg.data.source != "shards":
+        return None
+    from diti_fast.data import read_manifest
+    try:
+        man = read_manifest(cfg.data.shards)
+    except Exception as e:  # FileNotFoundError, DataFormatError
+        raise ConfigError(f"data.shards={cfg.data.shards}: {e}") from None
+    size = int(man["image_size"])
+    want = cfg.image_size(size)
+    if size != want:
+        raise ConfigError(f"data.shards={cfg.data.shards} holds {size}x{size} images but the model takes "
+                          f"{want}x{want} (model.encoder.name={cfg.model.encoder.name!r}, "
+                          f"data.image_size={cfg.data.image_size})")
+    if int(man.get("channels", 3)) != cfg.model.unet.input_channel:
+        raise ConfigError(f"data.shards={cfg.data.shards} has {man.get('channels')} channels but "
+                          f"model.unet.input_channel={cfg.model.unet.input_channel}")
+    if man["num_samples"] // world // micro < 1:
+        raise ConfigError(f"data.shards={cfg.data.shards} has {man['num_samples']} samples, fewer than one "
+                          f"micro-batch per rank (data.batch_size={cfg.data.batch_size} over {world} ranks)")
+    return size
+
+
+# ============================================================================ launch plumbing
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """Join (or create) the process group; works under deepspeed, torchrun and plain python."""
+    use_cuda = cfg.run.device != "cpu" and torch.cuda.is_available()
+    if not use_cuda:
+        # Must precede `import deepspeed`, which picks its accelerator once.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # plain `python train.py`: a one-process group
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    import deepspeed
+    if not use_cuda:
+        # The CPU accelerator JIT-compiles a shared-memory all-reduce op at process-group start
+        # (minutes on a small machine); it only serves inference_all_reduce, which training never
+        # calls. DeepSpeed keeps its op-compatibility table in one module-level dict, so marking
+        # the op unavailable skips the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    micro = cfg.micro_batch(world)
+    ds = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.deepspeed.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 2 ** 62,       # DeepSpeed's own log line reads the loss scale (a sync)
+        "wall_clock_breakdown": False,
+        # Precision is handled by the engine: fp32 master weights and optimiser state, bf16 autocast
+        # in the forward (DeepSpeed's bf16 mode would cast the frozen DDPM's weights to bf16 too).
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+    }
+    if cfg.deepspeed.zero_stage in (1, 2):
+        # Without clipping the global gradient norm is not needed; computing it costs a host sync
+        # per step. Non-finite steps are skipped by the engine's own device-side flag instead.
+        ds["zero_optimization"]["compute_grad_norm"] = cfg.optim.grad_clip > 0
+    return ds
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Plain Adam (L2-free, not AdamW), the fused implementation.
+
+    We hand DeepSpeed a client optimiser rather than its "Adam" config entry, which with
+    torch_adam silently turns into AdamW (weight decay 0.01) unless adam_w_mode is false. The
+    fused kernel also accepts a device-side ``found_inf`` flag and then leaves parameters, moments
+    and step count untouched: that is how a non-finite step is skipped without a host sync.
+    """
+    return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay, fused=True)
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimiser under DeepSpeed's wrapper (ZeRO 1/2 wrap it; stage 0 does not)."""
+    opt = engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{cfg.preset or 'run'}-{cfg.stage}"
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int) -> Path | None:
+    """Config conflicts vs. a previous launch, the checkpoint to resume from; writes config.yaml."""
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    saved_cfg = run_dir / "config.yaml"
+    if latest is not None:
+        if not cfg.checkpoint.resume:
+            raise ConfigError(f"run.dir={run_dir} already holds checkpoints (latest {latest.name}) but "
+                              "checkpoint.resume=false; choose a new run.dir or remove the old one")
+        if saved_cfg.is_file():
+            conflicts = resume_conflicts(yaml.safe_load(saved_cfg.read_text()) or {}, resolved_dict(cfg))
+            if conflicts:
+                raise ConfigError(f"cannot resume {run_dir}: the config differs from the saved "
+                                  f"{saved_cfg} in " + "; ".join(conflicts) +
+                                  " (use a new run.dir to train with these settings)")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved_cfg.with_suffix(".yaml.tmp")
+        tmp.write_text(dump_yaml(cfg))
+        os.replace(tmp, saved_cfg)
+    return latest
+
+
+# ============================================================================ checkpoint glue
+
+def save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world) -> Path:
+    model_state = None
+    if rank == 0:
+        model_state = {"module": engine.module.state_dict(), "ema": ema.state_dict()}
+    rank_state = {"optimizer": ckpt.weights_only_part(engine.optimizer.state_dict()),
+                  "rng": ckpt.rng_state(), "data": dict(data.position), "step": step}
+    meta = {"images": step * cfg.data.batch_size, "zero_stage": cfg.deepspeed.zero_stage,
+            "stage": cfg.stage}
+    return ckpt.save(run_dir / "checkpoints", step, rank=rank, world_size=world, barrier=dist.barrier,
+                     model_state=model_state, rank_state=rank_state, meta=meta, keep=cfg.checkpoint.keep)
+
+
+def load_checkpoint(cfg, path: Path, engine, ema, rank, world) -> tuple[int, dict]:
+    meta = ckpt.read_meta(path)
+    ckpt.check_compatible(meta, path, world_size=world, zero_stage=cfg.deepspeed.zero_stage, stage=cfg.stage)
+    model = ckpt.load_file(path / "model.pt")
+    load_state(engine.module, model["module"], f"{path}/model.pt [module]")
+    ema.load_state_dict(model["ema"], f"{path}/model.pt [ema]")
+    mine = ckpt.load_file(path / f"rank-{rank:05d}.pt")
+    if cfg.deepspeed.zero_stage == 0:
+        engine.optimizer.load_state_dict(mine["optimizer"])
+    else:
+        # Fill the entries dropped at save time (Python objects) from the live optimiser.
+        state = engine.optimizer.state_dict()
+        state.update(mine["optimizer"])
+        engine.optimizer.load_state_dict([state] * world, load_optimizer_states=True,
+                                         load_from_fp32_weights=True)
+    ckpt.set_rng_state(mine["rng"])
+    step = int(meta["step"])
+    engine.global_steps = step
+    engine.global_samples = step * cfg.data.batch_size
+    engine.micro_steps = step * cfg.deepspeed.grad_accum
+    return step, mine["data"]
+
+
+def export(cfg: TrainConfig, run_dir: Path, objective: Objective, ema: EMA) -> Path:
+    """EMA weights + resolved config as safetensors (what evaluation's load_export reads)."""
+    path = export_path(run_dir)
+    if cfg.stage == "ddpm":
+        unet = build_unet(cfg.model)
+        unet.load_state_dict(ema.full_state_dict(objective.unet, "unet."))
+        modules = {"unet": unet}
+    else:
+        enc, dec = build_encoder(cfg.model), build_decoder(cfg.model)
+        enc.load_state_dict(ema.full_state_dict(objective.encoder, "encoder."))
+        dec.load_state_dict(ema.full_state_dict(objective.decoder, "decoder."))
+        modules = {"encoder": enc, "decoder": dec}
+    return save_export(path, cfg.stage, cfg.model, resolved_dict(cfg), **modules)
+
+
+# ============================================================================ the run
+
+def train(cfg: TrainConfig) -> TrainResult:
+    # Everything that can be checked without the process group is checked first, so a bad
+    # config or data path fails in a second, before DeepSpeed is even imported.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device_type = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+    validate_runtime(cfg, world, device_type)
+    micro = cfg.micro_batch(world)
+    size = cfg.image_size(check_shards(cfg, world, micro))
+    # Record the resolved image size in the saved config and the export (sampling reads it there).
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    if cfg.stage == "diti" and not (resolve_run_dir(cfg) / "checkpoints").is_dir():
+        ddpm = Path(cfg.init.ddpm)
+        if not (ddpm.is_file() or export_path(ddpm).is_file()):
+            raise ConfigError(f"init.ddpm={cfg.init.ddpm}: no such file (expected a ddpm-stage run's "
+                              "export/ema.safetensors, its run directory, or an original checkpoint .pt)")
+    threads = torch.get_num_threads()
+    if cfg.run.threads and device_type == "cpu":
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        return _train(cfg, micro, size)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, the demo) get theirs back
+
+
+def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
+    rank, world, device = setup_distributed(cfg)
+    autocast = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
+        if autocast:
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    run_dir = resolve_run_dir(cfg)
+    latest = prepare_run_dir(cfg, run_dir, rank)
+    dist.barrier()
+
+    # -- models (same init on every rank), frozen DDPM, DeepSpeed
+    torch.manual_seed(cfg.run.seed)
+    objective = Objective(cfg, device, autocast)
+    frozen_from = None
+    if cfg.stage == "diti" and latest is None:  # a resumed run gets it from the checkpoint
+        frozen_from = load_frozen_ddpm(objective.decoder, cfg)
+    objective.to(device).train()
+    trainable = objective.trainable()
+    lr = cfg.lr(world)
+    opt = make_optimizer([p for _, p in trainable], cfg, lr, device)
+    import deepspeed
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=deepspeed_config(cfg, world))
+    opt = base_optimizer(engine)
+    ema = EMA(trainable, cfg.ema.decay)
+    if cfg.fast.compile:
+        objective.compile(mode=cfg.fast.compile_mode)
+    # Dropout draws from the per-rank generator (t and ε do not): seed it per rank.
+    torch.manual_seed(cfg.run.seed * 1_000_003 + rank)
+
+    step, position = 0, None
+    if latest is not None:
+        step, position = load_checkpoint(cfg, latest, engine, ema, rank, world)
+    data = MicroBatches(cfg, rank, world, micro, size, position)
+    total = cfg.total_steps()
+    meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, device)
+    logger = Logger(run_dir, rank == 0, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)
+    stop = ckpt.StopSignal(cfg.checkpoint.on_signal)
+    bar = None
+    if rank == 0 and cfg.log.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
+    if rank == 0:
+        n_train = sum(p.numel() for _, p in trainable)
+        n_all = sum(p.numel() for p in objective.parameters())
+        print(f"[diti-fast] stage={cfg.stage} run={run_dir} ranks={world} device={device} "
+              f"precision={'bf16-autocast' if autocast else 'fp32'} zero={cfg.deepspeed.zero_stage} "
+              f"batch={cfg.data.batch_size} (micro {micro} x accum {cfg.deepspeed.grad_accum} x {world}) "
+              f"lr={lr:g} params={n_train / 1e6:.2f}M trainable / {n_all / 1e6:.2f}M "
+              f"steps={step}->{total}" + (f" resumed from {latest}" if latest else "")
+              + (f" frozen DDPM from {frozen_from}" if frozen_from else ""), flush=True)
+
+    ema_w = torch.tensor(1.0 - cfg.ema.decay, device=device)
+    nan = torch.tensor(float("nan"), device=device)
+    nan_steps = set(cfg.debug.nan_at_steps)
+    local = cfg.data.batch_size // world
+    last_ckpt, result_export = latest, None
+    t_log, step_log, status = time.perf_counter(), step, "done"
+    deadline = time.monotonic() + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        while step < total:
+            # ---- one optimiser step: grad_accum micro-batches on every rank
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            for m in range(cfg.deepspeed.grad_accum):
+                x0 = to_model_input(data.next(m), device)
+                first = step * cfg.data.batch_size + rank * local + m * micro  # global sample index
+                index = torch.arange(first, first + micro, device=device)
+                loss, per_sample, t = engine(x0, index)
+                if step + 1 in nan_steps and cfg.debug.nan_rank in (-1, rank):
+                    loss, per_sample = loss * nan, per_sample * nan
+                finite &= torch.isfinite(loss.detach())
+                meter.add_samples(per_sample, t)
+                engine.backward(loss)
+                if m == cfg.deepspeed.grad_accum - 1:
+                    # A NaN on any rank poisons the averaged gradient everywhere: agree on the
+                    # flag (an async device collective, not a host sync), then let the fused Adam
+                    # skip the update on the device.
+                    if world > 1:
+                        flag = finite.to(torch.int32)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                        finite = flag.bool()
+                    opt.found_inf = (~finite).to(torch.float32)
+                engine.step()
+            step += 1
+            if step % cfg.ema.every == 0:
+                ema.update(ema_w * finite)  # weight 0 on a skipped step: the EMA stays put
+            meter.add_step(finite)
+            if bar is not None:
+                bar.update(1)
+
+            # ---- host-side bookkeeping (syncs only here)
+            if step % cfg.log.every == 0 or step == total:
+                stats = meter.reduce()
+                now = time.perf_counter()
+                ips = (step - step_log) * cfg.data.batch_size / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                record = {"step": step, "images": step * cfg.data.batch_size, **stats, "images_per_s": ips,
+                          "peak_memory_bytes": peak_memory_bytes(device), "lr": lr}
+                logger.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}",
+                                    nonfinite=stats["nonfinite_steps"], refresh=False)
+                if stats["max_consecutive_nonfinite"] >= cfg.guard.max_consecutive_nonfinite:
+                    status = "nonfinite"
+                    raise NonFiniteLoss(
+                        f"stopped at step {step}: the loss was NaN/inf for "
+                        f"{stats['max_consecutive_nonfinite']} consecutive steps "
+                        f"(guard.max_consecutive_nonfinite={cfg.guard.max_consecutive_nonfinite}); those "
+                        f"steps were skipped, the weights are the last good ones; last good checkpoint: "
+                        f"{last_ckpt or 'none written yet'}")
+            if cfg.debug.crash_at_step and step == cfg.debug.crash_at_step:
+                raise SystemExit(99)
+            if cfg.debug.signal_at_step and step == cfg.debug.signal_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
+                if float(meter.consecutive) == 0:  # never checkpoint in the middle of a bad streak
+                    last_ckpt = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)
+                elif rank == 0:
+                    print(f"[diti-fast] step {step}: checkpoint skipped (non-finite streak)", flush=True)
+            if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and rank == 0:
+                export(cfg, run_dir, objective, ema)
+            reason = stop_reason(stop, deadline, step, world, cfg, device)
+            if reason is not None and step < total:
+                status = reason
+                if _ckpt_step(last_ckpt) != step:
+                    last_ckpt = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)
+                if reason == "time_limit" and rank == 0:  # a signal's grace period is short: no export
+                    result_export = export(cfg, run_dir, objective, ema)
+                if rank == 0:
+                    why = ("signal received" if reason == "signal" else
+                           f"run.time_limit_minutes={cfg.run.time_limit_minutes:g} reached")
+                    print(f"\n[diti-fast] {why}: checkpoint {last_ckpt} written at step {step}; "
+                          f"relaunch the same command to resume", flush=True)
+                break
+    finally:
+        stop.close()
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+    result = TrainResult(status, step, run_dir, export=result_export, last_checkpoint=last_ckpt)
+    if status == "done":
+        if _ckpt_step(last_ckpt) != step:
+            result.last_checkpoint = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)
+        if rank == 0:
+            result.export = export(cfg, run_dir, objective, ema)
+            print(f"[diti-fast] done: {step} steps, {step * cfg.data.batch_size} images; EMA weights in "
+                  f"{result.export}", flush=True)
+        dist.barrier()
+    return result
+
+
+def _ckpt_step(path: Path | None) -> int | None:
+    m = ckpt.STEP_DIR.match(path.name) if path is not None else None
+    return int(m.group(1)) if m else None
+
+
+def stop_reason(stop: ckpt.StopSignal, deadline: float | None, step: int, world: int, cfg: TrainConfig,
+                device) -> str | None:
+    """"signal", "time_limit" or None. Ranks must stop at the same step, so with several ranks the
+    flags are all-reduced every checkpoint.signal_sync_every steps (a sync); alone, every step."""
+    flags = [int(stop.pending is not None), int(deadline is not None and time.monotonic() > deadline)]
+    if world > 1:
+        if step % cfg.checkpoint.signal_sync_every:
+            return None
+        t = torch.tensor(flags, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flags = t.tolist()
+    return "signal" if flags[0] else "time_limit" if flags[1] else None
+
+
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from diti_fast.data import to_model_input as convert
+    return convert(images, device)
+
+
+# ============================================================================ command line
+
+def build_parser(prog: str = "diti_fast/train.py") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Train a DDPM (stage=ddpm) or DiTi (stage=diti).",
+                                 epilog="Overrides: dotted.key=value, e.g. stage=ddpm optim.lr=2e-4 "
+                                        "data.batch_size=64 deepspeed.zero_stage=2 (see docs/training.md)")
+    ap.add_argument("--config", required=True,
+                    help="a preset name (celeba64, celeba64_original, ffhq128, bedroom128, shapes32) or a YAML file")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "diti_fast/train.py") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.local_rank is not None:  # the deepspeed launcher passes --local_rank instead of the env var
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    try:
+        result = train(cfg)
+    except (ConfigError, CheckpointError, ckpt.ResumeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NonFiniteLoss as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    return 0 if result.status == "done" else EXIT_SIGNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

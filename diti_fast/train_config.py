@@ -1,0 +1,403 @@
+"""The training run's configuration: typed sections, presets, ``key=value`` overrides, validation.
+
+A run is described by one YAML file (a preset under ``configs/`` or your own) plus command-line
+overrides with dotted keys (``optim.lr=2e-4 data.batch_size=64 stage=ddpm``). Everything is checked
+before any work starts: unknown keys, wrong types, and combinations that cannot work (a batch that
+does not split over ranks × accumulation, ZeRO-3 with the EMA, a missing frozen DDPM, ...) raise a
+:class:`~diti_fast.config.ConfigError` naming the dotted field. The resolved config is written to
+``RUN/config.yaml``.
+
+A config file may start from another with ``extends: NAME`` (a preset name or a path relative to
+the file); mappings merge key by key, everything else is replaced.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from .config import ConfigError, FastConfig, ModelConfig, from_dict, load_yaml, to_dict
+from .losses import MODES
+from .nn.encoder import ENCODER_SPECS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIRS = (REPO_ROOT / "configs", Path(__file__).resolve().parent / "presets")
+PRESETS = ("celeba64", "celeba64_original", "ffhq128", "bedroom128", "shapes32")
+
+
+@dataclass
+class RunSection:
+    dir: str = ""                  # run directory; "" = runs/<preset>-<stage>
+    seed: int = 0                  # keys t, ε (per global sample index), data order, init
+    max_images: int = 38_000_000   # training length in images, as the original's max_images
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU (CPU bf16 is slow)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    threads: int = 0               # torch.set_num_threads on CPU; 0 = torch's default
+    # Wall-clock budget of one launch (e.g. a cluster job's limit, the demo's 15 minutes): when it
+    # is spent the run writes a checkpoint and an export and exits with status 75; relaunch to go
+    # on towards max_images. 0 = no limit.
+    time_limit_minutes: float = 0.0
+
+
+@dataclass
+class DataSection:
+    # shards: WebDataset shards via diti_fast.data.train_loader. fixed: one in-memory global batch
+    # drawn from the seed, reused every step and split by rank (tests, benchmarks: the global
+    # batch is the same whatever the number of ranks).
+    source: Literal["shards", "fixed"] = "shards"
+    shards: str = ""               # a shard directory holding manifest.json
+    batch_size: int = 128          # GLOBAL batch per optimiser step (ranks × accumulation × micro)
+    num_workers: int = 4
+    hflip: bool = True
+    shuffle_buffer: int = 1000
+    strict: bool = False           # the loader's strict mode: a corrupt sample is an error, not a skip
+    image_size: int = 0            # 0: the encoder's size (diti) / the manifest's (ddpm); 32 for fixed ddpm
+
+
+@dataclass
+class EngineFastConfig(FastConfig):
+    """FastConfig (attention backend, fused kernels) plus torch.compile."""
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+
+
+@dataclass
+class DitiSection:
+    mode: Literal["base", "stop_grad", "dual", "pdae"] = "base"
+
+
+@dataclass
+class InitSection:
+    # Frozen DDPM for stage diti: our export (RUN/export/ema.safetensors of a ddpm-stage run, or
+    # that run's directory) or the original's checkpoint ({"ema_denoise_fn": ...}).
+    ddpm: str = ""
+    ddpm_use_ema: bool = True      # original format: ema_denoise_fn (true) or denoise_fn (false)
+
+
+@dataclass
+class OptimSection:
+    """Plain Adam as the original (not AdamW): betas, eps, no weight decay, no schedule."""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # The original's rule lr · (per-GPU batch) / 32, per-GPU batch = global batch / ranks. It makes
+    # the effective lr depend on the number of ranks; off gives the same lr everywhere.
+    scale_lr_by_batch: bool = True
+    grad_clip: float = 0.0         # 0 = none (the original); >0 makes DeepSpeed compute the norm (a sync)
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0            # 0, 1, 2 (3 is refused: see validate)
+    grad_accum: int = 1            # micro-steps per optimiser step
+
+
+@dataclass
+class EmaSection:
+    decay: float = 0.9999
+    every: int = 1                 # steps between EMA updates
+
+
+@dataclass
+class LogSection:
+    every: int = 100               # steps between metric reductions (the only host syncs)
+    t_buckets: int = 10            # loss per equal-width range of t
+    progress: bool = True          # tqdm bar on rank 0
+    tensorboard: bool = True       # used when the tensorboard package is installed
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 5000              # steps; 0 = only at the end and on a signal
+    keep: int = 3                  # keep the last K checkpoints
+    resume: bool = True            # resume automatically from the latest complete checkpoint
+    on_signal: bool = True         # SIGTERM/SIGINT: write a checkpoint, exit with status 75
+    signal_sync_every: int = 10    # multi-rank: steps between agreeing on a pending signal (a sync)
+    export_every: int = 0          # steps between EMA exports besides the final one; 0 = end only
+
+
+@dataclass
+class GuardSection:
+    # A step whose loss is NaN/inf on any rank is skipped (optimiser, EMA untouched) and counted;
+    # after this many in a row the run stops with an error, keeping the last good checkpoint.
+    # Checked where the engine syncs anyway (every log.every steps).
+    max_consecutive_nonfinite: int = 20
+
+
+@dataclass
+class DebugSection:
+    """Test hooks; all off by default."""
+    nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps (1-based)
+    nan_rank: int = -1             # only on this rank (-1: all)
+    signal_at_step: int = 0        # send SIGTERM to this process after this step
+    crash_at_step: int = 0         # raise SystemExit(99) after this step, no checkpoint (a crash)
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["ddpm", "diti"] = "diti"
+    preset: str = ""               # informational: the preset the file came from
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fast: EngineFastConfig = field(default_factory=EngineFastConfig)
+    diti: DitiSection = field(default_factory=DitiSection)
+    init: InitSection = field(default_factory=InitSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    log: LogSection = field(default_factory=LogSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    guard: GuardSection = field(default_factory=GuardSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    def validate(self, where: str = "config") -> None:
+        """Checks that need no runtime facts (world size, device): run by from_dict."""
+        w = where
+        if self.data.batch_size < 1:
+            raise ConfigError(f"{w}.data.batch_size must be >= 1")
+        if self.deepspeed.grad_accum < 1:
+            raise ConfigError(f"{w}.deepspeed.grad_accum must be >= 1")
+        if self.data.batch_size % self.deepspeed.grad_accum:
+            raise ConfigError(f"{w}.data.batch_size={self.data.batch_size} is not divisible by "
+                              f"{w}.deepspeed.grad_accum={self.deepspeed.grad_accum}")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{w}.deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
+        if self.deepspeed.zero_stage == 3:
+            # ZeRO-3 partitions every parameter: the EMA, our weights-only per-rank checkpoints and
+            # the export would need gathers; the models here (<= a few hundred M parameters) fit
+            # on one GPU, where stage 2 already partitions gradients and optimiser state.
+            raise ConfigError(f"{w}.deepspeed.zero_stage=3 cannot be combined with the EMA "
+                              f"({w}.ema.decay={self.ema.decay}) and weights-only checkpoints of this "
+                              "engine (stage 3 partitions the parameters themselves); use zero_stage 2")
+        if self.run.max_images < self.data.batch_size:
+            raise ConfigError(f"{w}.run.max_images={self.run.max_images} is less than one global batch "
+                              f"({w}.data.batch_size={self.data.batch_size})")
+        if not 0.0 <= self.ema.decay < 1.0:
+            raise ConfigError(f"{w}.ema.decay must be in [0, 1), got {self.ema.decay}")
+        if self.ema.every < 1:
+            raise ConfigError(f"{w}.ema.every must be >= 1")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"{w}.optim.lr must be positive")
+        if not all(0.0 <= b < 1.0 for b in self.optim.betas):
+            raise ConfigError(f"{w}.optim.betas must lie in [0, 1), got {list(self.optim.betas)}")
+        if self.optim.eps <= 0 or self.optim.weight_decay < 0 or self.optim.grad_clip < 0:
+            raise ConfigError(f"{w}.optim: eps must be positive, weight_decay and grad_clip non-negative")
+        if self.log.every < 1 or self.log.t_buckets < 1:
+            raise ConfigError(f"{w}.log.every and {w}.log.t_buckets must be >= 1")
+        if self.checkpoint.every < 0 or self.checkpoint.keep < 1 or self.checkpoint.signal_sync_every < 1 \
+                or self.checkpoint.export_every < 0:
+            raise ConfigError(f"{w}.checkpoint: every/export_every must be >= 0, keep and "
+                              "signal_sync_every >= 1")
+        if self.run.time_limit_minutes < 0:
+            raise ConfigError(f"{w}.run.time_limit_minutes must be >= 0 (0 = no limit)")
+        if self.guard.max_consecutive_nonfinite < 1:
+            raise ConfigError(f"{w}.guard.max_consecutive_nonfinite must be >= 1")
+        if self.data.source == "shards" and not self.data.shards:
+            raise ConfigError(f"{w}.data.shards is empty but {w}.data.source is 'shards'; give a shard "
+                              "directory (one holding manifest.json), e.g. data.shards=runs/demo/data/train")
+        if self.data.num_workers < 0 or self.data.shuffle_buffer < 1:
+            raise ConfigError(f"{w}.data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
+        if self.stage == "diti":
+            if not self.init.ddpm:
+                raise ConfigError(f"{w}.init.ddpm is empty: stage 'diti' needs the frozen DDPM (a ddpm-stage "
+                                  "run's export, RUN/export/ema.safetensors, or an original checkpoint)")
+            size = ENCODER_SPECS[self.model.encoder.name][0]
+            if self.data.image_size not in (0, size):
+                raise ConfigError(f"{w}.data.image_size={self.data.image_size} but encoder "
+                                  f"{w}.model.encoder.name={self.model.encoder.name!r} takes {size}x{size} images")
+        if self.diti.mode not in MODES:  # Literal already checks; kept in sync with losses.MODES
+            raise ConfigError(f"{w}.diti.mode must be one of {MODES}")
+        if self.fast.compile_mode == "reduce-overhead" and self.fast.compile:
+            # CUDA graphs replay static buffers; the per-step metric accumulators and the EMA weight
+            # are updated in place outside the graph, which reduce-overhead would silently alias.
+            raise ConfigError(f"{w}.fast.compile_mode='reduce-overhead' (CUDA graphs) is not supported by "
+                              "this engine; use 'default' or 'max-autotune-no-cudagraphs'")
+
+    # -- facts derived from the config
+    def image_size(self, manifest_size: int | None = None) -> int:
+        if self.data.image_size:
+            return self.data.image_size
+        if self.stage == "diti":
+            return ENCODER_SPECS[self.model.encoder.name][0]
+        return manifest_size or 32
+
+    def micro_batch(self, world_size: int) -> int:
+        return self.data.batch_size // (world_size * self.deepspeed.grad_accum)
+
+    def lr(self, world_size: int) -> float:
+        if not self.optim.scale_lr_by_batch:
+            return self.optim.lr
+        return self.optim.lr * (self.data.batch_size // world_size) / 32.0
+
+    def total_steps(self) -> int:
+        return -(-self.run.max_images // self.data.batch_size)  # ceil: the original stops at >= max
+
+
+def validate_runtime(cfg: TrainConfig, world_size: int, device_type: str) -> None:
+    """Checks that need the launch facts; run before any model is built."""
+    b, a = cfg.data.batch_size, cfg.deepspeed.grad_accum
+    if b % (world_size * a):
+        raise ConfigError(f"data.batch_size={b} is not divisible by ranks x accumulation = {world_size} x "
+                          f"deepspeed.grad_accum={a} = {world_size * a}; choose a batch size that is a "
+                          f"multiple of {world_size * a}")
+    if cfg.run.device == "cuda" and device_type != "cuda":
+        raise ConfigError("run.device='cuda' but no CUDA device is available")
+    if cfg.fast.attention == "xformers" and device_type != "cuda":
+        raise ConfigError("fast.attention='xformers' has no CPU kernels; use fast.attention=sdpa on CPU")
+    if cfg.fast.attention == "xformers":
+        import importlib.util
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("fast.attention='xformers' needs the xformers package; use sdpa")
+    if cfg.debug.nan_rank >= world_size:
+        raise ConfigError(f"debug.nan_rank={cfg.debug.nan_rank} but there are {world_size} ranks")
+
+
+# --------------------------------------------------------------------------- loading
+
+def preset_path(name: str) -> Path | None:
+    for d in PRESET_DIRS:
+        p = d / f"{name}.yaml"
+        if p.is_file():
+            return p
+    return None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_config_file(spec: str | Path, _seen: tuple = ()) -> tuple[dict, str]:
+    """(raw data with ``extends`` resolved, preset name) for a path or a preset name."""
+    path = Path(spec)
+    if not path.is_file():
+        found = preset_path(str(spec)) if "/" not in str(spec) and not str(spec).endswith(".yaml") else None
+        if found is None:
+            raise ConfigError(f"config {spec}: no such file, and not a preset name (presets: {', '.join(PRESETS)})")
+        path = found
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    data = load_yaml(path)
+    parent = data.pop("extends", None)
+    name = path.stem
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends must be a preset name or a path, got {parent!r}")
+        candidate = path.parent / parent
+        base, _ = read_config_file(candidate if candidate.is_file() else parent, _seen + (path,))
+        data = _merge(base, data)
+    data.setdefault("preset", name)
+    return data, name
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value with a dotted key, e.g. optim.lr=2e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+_ROOT = "\x00"  # placeholder for the top level in messages: "optim.lr: ..." rather than "config.optim.lr"
+
+
+def build_config(data: dict, source: str = "config") -> TrainConfig:
+    """Typed, validated TrainConfig; errors name the dotted field and the source (file + overrides)."""
+    try:
+        return from_dict(TrainConfig, data, _ROOT)
+    except ConfigError as e:
+        msg = str(e).replace(_ROOT + ".", "").replace(_ROOT, "config")
+        raise ConfigError(f"{msg} [in {source}]") from None
+
+
+def load_config(spec: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a config file or preset, apply ``key=value`` overrides, validate."""
+    data, name = read_config_file(spec) if spec is not None else ({}, "config")
+    data = apply_overrides(data, overrides or [])
+    source = f"{spec}" + (" + command-line overrides" if overrides else "")
+    return build_config(data, source)
+
+
+def resolved_dict(cfg: TrainConfig) -> dict:
+    return to_dict(cfg)
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(resolved_dict(cfg), sort_keys=False)
+
+
+# Keys that may change between a run and its resumption: how long, how it logs, how it saves.
+RESUME_MUTABLE = ("run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "log.", "checkpoint.",
+                  "debug.", "fast.compile", "fast.compile_mode", "guard.", "init.ddpm")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between the saved and the new resolved config."""
+    a, b = flatten(saved), flatten(current)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k.startswith(RESUME_MUTABLE) or k in RESUME_MUTABLE:
+            continue
+        if a.get(k) != b.get(k):
+            diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return diffs
+
+
+def field_names(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """All dotted field names (for docs and error hints)."""
+    names = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            names += field_names(tp, f"{prefix}{f.name}.")
+        else:
+            names.append(f"{prefix}{f.name}")
+    return names

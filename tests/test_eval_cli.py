@@ -1,0 +1,151 @@
+"""End to end on a tiny random-weight run: the CLI commands, the report, and clean errors for run
+directories with missing or incompatible weights."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diti_fast.checkpoint import join_prefixed, save_weights
+from diti_fast.config import EncoderConfig, MaskConfig, ModelConfig, UNetConfig, to_dict
+from diti_fast.eval.cli import main
+from diti_fast.eval.features import cached_features, load_run
+from diti_fast.eval.report import ReportSettings, write_report
+from diti_fast.eval.probe import ProbeConfig
+from diti_fast.export import export_path, save_export
+from diti_fast.nn import build_decoder, build_encoder, build_unet
+
+synthetic = pytest.importorskip("data_shards.synthetic")
+
+
+def tiny_cfg(base: int = 32) -> ModelConfig:
+    return ModelConfig(unet=UNetConfig(base_channel=base, channel_multiplier=(1, 2), num_residual_blocks_of_a_block=1,
+                                       attention_resolutions=(2,)),
+                       masks=MaskConfig(k=64, stages=(50, 100, 300, 500, 1000), dims_per_stage=(10, 25, 327, 100, 50)),
+                       encoder=EncoderConfig(name="shapes32"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batches of 2-16 tiny 32 px images: on a 2-core runner intra-op threads cost more than they give."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    enc, dec = build_encoder(cfg), build_decoder(cfg)
+    for p in dec.trainable_parameters():  # a nonzero shift branch, so z actually steers the sampler
+        torch.nn.init.normal_(p, std=0.02)
+    save_export(export_path(root / "run"), "diti", cfg, {"seed": 0}, encoder=enc, decoder=dec)
+    save_export(export_path(root / "ddpm"), "ddpm", cfg, {"data": {"image_size": 32}}, unet=build_unet(cfg))
+    synthetic.make_synthetic_shards(root / "shards", 150, image_size=32, seed=0, maxcount=64)
+    return root
+
+
+def _fails(argv, capsys, *needles):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("diti-fast: error:")
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_missing_export_is_a_clear_error(env, tmp_path, capsys):
+    (tmp_path / "empty_run").mkdir()
+    _fails(["probe", "--run", str(tmp_path / "empty_run"), "--data", str(env / "shards")], capsys,
+           str(export_path(tmp_path / "empty_run")))
+    _fails(["reconstruct", "--run", str(tmp_path / "nope"), "--data", str(env / "shards")], capsys, "does not exist")
+
+
+def test_incompatible_weights_name_the_keys(env, tmp_path, capsys):
+    # Weights of a base-32 model under the metadata of a base-64 one: every conv is mis-shaped.
+    small = tiny_cfg(32)
+    tensors = join_prefixed(encoder=build_encoder(small).state_dict(), decoder=build_decoder(small).state_dict())
+    export_path(tmp_path / "bad").parent.mkdir(parents=True)
+    save_weights(export_path(tmp_path / "bad"), tensors, {"stage": "diti", "model": to_dict(tiny_cfg(64))})
+    err = _fails(["counterfactual", "--run", str(tmp_path / "bad"), "--data", str(env / "shards")], capsys,
+                 "does not fit the model", "mis-shaped keys")
+    assert "[decoder]" in err and "checkpoint (64, 128) vs model (128, 256)" in err
+    # A file that lost the decoder: missing keys are named.
+    export_path(tmp_path / "half").parent.mkdir(parents=True)
+    save_weights(export_path(tmp_path / "half"), join_prefixed(encoder=build_encoder(small).state_dict()),
+                 {"stage": "diti", "model": to_dict(small)})
+    _fails(["probe", "--run", str(tmp_path / "half"), "--data", str(env / "shards")], capsys, "missing keys")
+
+
+def test_ddpm_export_is_refused_for_representation_commands(env, capsys):
+    _fails(["probe", "--run", str(env / "ddpm"), "--data", str(env / "shards")], capsys, "'ddpm' export")
+
+
+def test_wrong_image_size_is_a_clear_error(env, tmp_path, capsys):
+    synthetic.make_synthetic_shards(tmp_path / "s16", 8, image_size=16, maxcount=8)
+    _fails(["probe", "--run", str(env / "run"), "--data", str(tmp_path / "s16"), "--max-samples", "8"], capsys,
+           "16x16", "32x32")
+
+
+def test_module_entry_point_exit_code(env, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "diti_fast.eval", "probe", "--run", str(tmp_path), "--data",
+                        str(env / "shards")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "export" in r.stderr
+
+
+def test_features_are_cached_and_split_deterministically(env):
+    ex = load_run(env / "run")
+    a = cached_features(env / "run", env / "shards", ex.encoder, max_samples=100, log=lambda m: None)
+    assert a.z.shape == (100, 512) and a.attrs.shape == (100, 9)
+    assert len(list((env / "run" / "eval" / "features").glob("*.npz"))) >= 1
+    b = cached_features(env / "run", env / "shards", None, max_samples=100, log=lambda m: pytest.fail("re-extracted"))
+    np.testing.assert_array_equal(a.z, b.z)
+    np.testing.assert_array_equal(a.position, np.arange(100))
+
+
+def test_counterfactual_grid_png(env, tmp_path, capsys):
+    out = tmp_path / "cf.png"
+    main(["counterfactual", "--run", str(env / "run"), "--data", str(env / "shards"), "--pair", "3,7",
+          "--loc", "0,32", "--width", "4,32", "--alphas", "0,0.5,1", "--steps", "2", "--invert-steps", "2",
+          "--out", str(out)])
+    img = Image.open(out)
+    assert img.format == "PNG"
+    # 32 px images are drawn at 64 px; 4 rows (2 ranges x mirror), 3 columns, title and header bands.
+    cell, pad = 64, 2
+    assert img.size[1] == 2 * (12 + 2 * pad) + 4 * cell + 5 * pad
+    assert img.size[0] > 3 * cell + 4 * pad
+
+
+def test_interpolate_reconstruct_and_sample(env, tmp_path):
+    main(["interpolate", "--run", str(env / "run"), "--data", str(env / "shards"), "--num", "3", "--steps", "2",
+          "--invert-steps", "2", "--out", str(tmp_path / "i.png")])
+    main(["reconstruct", "--run", str(env / "run"), "--data", str(env / "shards"), "--indices", "0,1",
+          "--steps", "2", "--invert-steps", "2", "--out", str(tmp_path / "r.png")])
+    main(["sample", "--run", str(env / "ddpm"), "--num", "3", "--steps", "2", "--out", str(tmp_path / "s.png")])
+    main(["sample", "--run", str(env / "run"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s2.png")])
+    for name in ("i", "r", "s", "s2"):
+        assert Image.open(tmp_path / f"{name}.png").format == "PNG"
+
+
+def test_report_on_random_weights(env):
+    s = ReportSettings(max_samples=150, probe=ProbeConfig(epochs=2, standardize=True), steps=2, invert_steps=2,
+                       n_recon=2, n_samples=2)
+    md = write_report(env / "run", env / "shards", "cpu", s, log=lambda m: None)
+    out = md.parent
+    for f in ("report.md", "report.json", "chunks_heatmap.png", "counterfactuals.png", "reconstructions.png",
+              "ddpm_samples.png"):
+        assert (out / f).is_file(), f
+    text = md.read_text()
+    assert "80/10/10" in text and "standardised" in text and "2 inversion and 2 reverse steps" in text
+    numbers = json.loads((out / "report.json").read_text())  # strict JSON: NaN became null
+    assert [g["dim_hi"] for g in numbers["chunks"]["groups"]] == [10, 35, 362, 462, 512]
+    assert set(numbers["fine_vs_coarse"]) >= {"fine", "coarse"}
+    assert numbers["sizes"] == {"train": 120, "val": 15, "test": 15}

@@ -7,7 +7,7 @@
                                                  # benchmarks/results/<date>-<device>/)
 
 Phases, in order, each a separate process group with its own time limit (unused time carries
-forward, so the whole run ends inside ``--budget`` seconds, 460 by default, even if a phase hangs):
+forward, so the whole run ends inside ``--budget`` seconds, 450 by default, even if a phase hangs):
 
 1. ``env``          what is installed, where ``diti_fast`` and ``diti_fast.kernels`` come from  -> env.json
 2. ``ceilings``     device-to-device copy bandwidth and bf16 / tf32 / fp32 matmul rates        -> ceilings.json
@@ -56,7 +56,7 @@ SELF = Path(__file__).resolve()
 # Seconds. Sum = the default --budget; together with start-up and the wheel install of
 # gpu_check.sh this keeps a device run under 8 minutes. The engine gets the most because the
 # compiled configuration spends a minute or more in torch.compile before its first step.
-PHASE_BUDGETS = {"env": 30, "ceilings": 20, "kernel_tests": 80, "bench": 120, "engine": 210}
+PHASE_BUDGETS = {"env": 30, "ceilings": 20, "kernel_tests": 80, "bench": 120, "engine": 200}
 ENV_TIMEOUT_S = 90      # the env check may overrun its budget (cold imports); later phases then get less
 DEFAULT_BUDGET = sum(PHASE_BUDGETS.values())
 KILL_GRACE_S = 8          # SIGTERM, then this long, then SIGKILL (the whole process group)
@@ -848,11 +848,17 @@ def missing_for(env: dict, phase: str) -> list[str]:
     return miss
 
 
+def phase_budgets(args) -> dict[str, float]:
+    """Seconds per selected phase (env always), scaled so that they add up to --budget."""
+    sel = ["env"] + [p for p in PHASE_BUDGETS if p in args.phases and p != "env"]
+    total = sum(PHASE_BUDGETS[p] for p in sel)
+    return {p: PHASE_BUDGETS[p] * args.budget / total for p in sel}
+
+
 def plan_lines(args, out_desc: str) -> list[str]:
     tests = [t for t in KERNEL_TESTS if (REPO / t).is_file()]
     benches = [b for b in BENCH_FILES if (REPO / b).is_file()]
-    scale = args.budget / DEFAULT_BUDGET
-    b = {k: v * scale for k, v in PHASE_BUDGETS.items()}
+    b = phase_budgets(args)
     lines = [f"output directory: {out_desc}",
              f"time budget: {args.budget:.0f} s in all; per phase (unused time carries forward): "
              + ", ".join(f"{k} {v:.0f} s" for k, v in b.items()),
@@ -891,12 +897,13 @@ def env_report_lines(env: dict, allow_cpu: bool) -> tuple[list[str], list[str]]:
         lines.append(f"import {mod}: {where} [{flag if o['file'] else 'FAILED'}]")
         if not o["in_repo"]:
             problems.append(f"{mod} does not import from this checkout ({where})")
-    have, miss = [], []
-    for mod, p in env.get("packages", {}).items():
-        (have if p["found"] else miss).append(f"{p['dist']} {p['version'] or ''}".strip() if p["found"] else p["dist"])
+    pkgs = env.get("packages", {})
+    have = [f"{p['dist']} {p['version'] or ''}".strip() for p in pkgs.values() if p["found"]]
+    miss = [p["dist"] for m, p in pkgs.items() if not p["found"] and m not in OPTIONAL]
+    opt = [p["dist"] for m, p in pkgs.items() if not p["found"] and m in OPTIONAL]
     lines.append("packages found: " + ", ".join(have))
     lines.append("packages missing: " + (", ".join(miss) or "none")
-                 + ("  (optional: " + ", ".join(PACKAGES[m] for m in sorted(OPTIONAL)) + ")" if miss else ""))
+                 + (f"; optional, missing: {', '.join(opt)}" if opt else ""))
     for mod, c in (env.get("import_checks") or {}).items():
         lines.append(f"import check {mod}: " + ("ok" if c["ok"] else c["error"]))
     for phase in ("ceilings", "kernel_tests", "bench", "engine"):
@@ -929,6 +936,7 @@ class Run:
         self.phases: dict[str, dict] = {}
         self.started = time.time()
         self.deadline = self.started + args.budget
+        self.budgets = phase_budgets(args)
         self.slack = 0.0
         self.command = os.environ.get("GPU_CHECK_COMMAND") or shlex.join(
             ["python", str(SELF.relative_to(REPO)), *sys.argv[1:]])
@@ -943,10 +951,9 @@ class Run:
     def limit(self, phase: str) -> float:
         """This phase's budget, plus what earlier phases left unused, never past the deadline
         minus the budgets of the phases still to come."""
-        scale = self.args.budget / DEFAULT_BUDGET
-        names = list(PHASE_BUDGETS)
-        later = sum(PHASE_BUDGETS[n] * scale for n in names[names.index(phase) + 1:] if n in self.args.phases)
-        own = PHASE_BUDGETS[phase] * scale + self.slack
+        names = list(self.budgets)
+        later = sum(self.budgets[n] for n in names[names.index(phase) + 1:])
+        own = self.budgets[phase] + self.slack
         return max(0.0, min(own, self.deadline - time.time() - later))
 
     def record(self, phase: str, res: ChildResult, limit: float, budget: float | None = None, **extra) -> None:
@@ -961,6 +968,7 @@ class Run:
 
     def skip(self, phase: str, why: str) -> None:
         self.phases[phase] = {"status": "skipped", "reason": why}
+        self.slack += self.budgets.get(phase, 0.0)  # its time goes to the next phase
         print(f"[gpu_check] {phase}: skipped ({why})", flush=True)
 
     # -- phases
@@ -971,7 +979,7 @@ class Run:
         cmd = worker_cmd("env", "--worker-out", str(path)) + (["--full"] if full else [])
         res = run_child(cmd, self.log("env"), limit, self.env())
         self.env_info = load_json(path)
-        self.record("env", res, limit, budget=PHASE_BUDGETS["env"] * self.args.budget / DEFAULT_BUDGET)
+        self.record("env", res, limit, budget=self.budgets["env"])
         return self.env_info
 
     def run_ceilings(self) -> None:

@@ -244,3 +244,10 @@ def test_killed_pytest_output_is_still_counted():
     s = gc.parse_verbose_log(log)
     assert s["totals"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1, "total": 3}
     assert s["failures"] == [{"test": "tests/test_a.py::test_y", "kind": "failed"}]
+
+
+def test_on_a_gpu_every_goal_without_a_measurement_is_a_failed_row():
+    rows = gc.goal_rows({"env": {"cuda": True}})
+    missing = {r["area"]: r for r in rows}
+    assert set(missing) == {"Kernel tests", "GroupNorm", "DiTi loss", "Attention", "Engine"}
+    assert all(r["met"] is False and r["measured"].startswith("not measured") for r in rows)

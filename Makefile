@@ -10,13 +10,14 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test test-fast demo bench clean help
+.PHONY: setup test demo bench gpu-check-dry gpu-wheels clean help
 
 help:
 	@echo "make setup   - create $(VENV) (torch first, then the project with its extras)"
 	@echo "make test    - set up and run the test suite (CPU; Triton kernels via TRITON_INTERPRET=1)"
 	@echo "make demo    - set up and run the demo: synthetic shards -> DDPM -> DiTi -> report (CPU)"
 	@echo "make bench   - CPU benchmarks (pytest-benchmark, JSON under benchmarks/results/)"
+	@echo "make gpu-wheels / gpu-check-dry - prepare / dry-run the one-shot GPU check (docs/performance.md)"
 
 setup: $(VENV)/.installed
 
@@ -38,6 +39,22 @@ demo: setup
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only \
 		--benchmark-json=benchmarks/results/cpu-$$(date +%Y-%m-%d).json
+
+gpu-check-dry: setup
+	$(PY) benchmarks/gpu_check.py --dry-run
+
+# Packages the GPU machine (Python 3.12, torch + triton preinstalled, no registry) lacks; installed
+# there by benchmarks/gpu_check.sh into /tmp/site. See docs/performance.md.
+GPU_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0 webdataset==1.0.2 braceexpand==0.1.7
+GPU_WHEEL_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TAGS) -d .whl $(GPU_WHEELS)
+	# deepspeed ships only an sdist; its setup.py imports torch, hence no build isolation.
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks runs

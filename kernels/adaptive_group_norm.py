@@ -32,16 +32,20 @@ Design (the "why"s)
   and x̂ is always formed as ``((x − K) − δ)·rstd``; the fold is then ``(x − K)·(a·rstd) + (bb − δ·a·rstd)``,
   never ``x·A + B`` (which would cancel catastrophically on a large offset). Cost: one subtract
   per element in a memory-bound kernel.
-* One program per (batch, group). At the celeba64 training shapes (B = 64, 32 groups) that is 2048
-  programs, enough to fill an H200, so no cross-program split of a group is needed (a split would
-  force a second HBM read of x or a second launch). Groups that fit a register tile
-  (``_SINGLE_MAX_*`` elements) are loaded once and kept in registers; larger groups are walked in
-  tiles twice (statistics, then output). With ~2 programs per SM resident, the working set of the
-  second walk (a few MB) stays in the 50+ MB L2, so HBM traffic stays ~1 read + 1 write.
+* Launch grid: one program per (sample, block of GPB neighbouring groups), tiles [GPB, channels,
+  positions]. At the celeba64 training shapes (B = 64, 32 groups) the 32²/64² levels run GPB = 1,
+  i.e. 2048 programs, enough to fill an H200, so no cross-program split of a group is needed (a
+  split would force a second HBM read of x or a second launch); the small groups of the 8²/16²
+  levels are batched 2 per program as long as >= 4 programs per SM remain. Groups (blocks) that
+  fit a register tile (``_SINGLE_MAX_*`` elements) are loaded once and kept in registers; larger
+  ones are walked in tiles twice (statistics, then output). With ~2 programs per SM resident, the
+  working set of the second walk (a few MB) stays in the 50+ MB L2, so HBM traffic stays ~1 read
+  + 1 write. Under the interpreter, whose cost is per program and per op rather than per element,
+  all groups of a sample go in one program (``_plan``): same kernel, different constexprs.
 * Backward recomputes x̂ from x and the saved [B, G] statistics rather than storing x̂: storing it
   would cost a full-size write in forward and a full-size read in backward, recomputing costs a
   few FLOPs per element of a memory-bound kernel that reads x anyway.
-* Determinism: no atomics anywhere. Each (b, g) program owns its channels and writes per-(b, c)
+* Determinism: no atomics anywhere. Each program owns its groups' channels and writes per-(b, c)
   results: the modulation gradients directly ([B, C], in their own dtype) and per-sample partials
   of d weight / d bias ([B, C], fp32) that are then summed over the batch with ``torch.sum``
   (a deterministic reduction, B·C elements: negligible). Runs are bitwise reproducible.
@@ -49,8 +53,8 @@ Design (the "why"s)
   strided axis ``s``: contiguous NCHW (ss = 1) and channels_last (sc = 1) both run with no copy;
   Triton specialises a stride equal to 1, so the unit-stride axis gets vectorised accesses in either
   layout. In channels_last a group is a [Cg, HW] tile whose rows are only Cg elements apart from
-  the neighbouring group's, so coalescing relies on neighbouring groups' programs (adjacent program
-  ids) running together and sharing L2 lines. A tensor whose trailing dims do not collapse (an
+  the neighbouring group's, so coalescing relies on GPB > 1 or on neighbouring groups' programs
+  (adjacent program ids) running together and sharing L2 lines. A tensor whose trailing dims do not collapse (an
   odd permutation or slice) is made contiguous first (a documented copy).
 * Autocast: the op is deliberately not autocast-registered (custom ops fall through autocast).
   Inputs are taken in the dtypes given, math and statistics run in fp32, and the output has x's
@@ -246,7 +250,7 @@ if HAS_TRITON:
     @triton.jit
     def _agn_fwd_kernel(
         X, Y, STATS, W, BIAS, S, SH, SZ, SHZ,
-        G, NGB, Cg, HW, inv_n, eps,
+        G, NGB, Cg, HW, eps,
         sxb, sxc, sxs, syb, syc, sys_,
         ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, HAS_SH: tl.constexpr,
@@ -261,6 +265,9 @@ if HAS_TRITON:
         offs_s = tl.arange(0, BLOCK_S)
         mg = g0 + offs_g < G                                  # [GPB] real groups
         ch0 = (g0 + offs_g) * Cg                              # [GPB] first channel of each group
+        # 1/n computed in ACC (a float argument would be fp32 even for fp64 inputs); written as a
+        # [GPB] vector so it also works when Triton specialises Cg or HW == 1 into a constexpr.
+        inv_n = 1.0 / (tl.zeros([GPB], ACC) + Cg * HW)
         xb = X + b.to(tl.int64) * sxb
         yb = Y + b.to(tl.int64) * syb
         # Pivot K: each group's first element (exact in ACC); see the module docstring.
@@ -364,7 +371,7 @@ if HAS_TRITON:
     def _agn_bwd_kernel(
         DY, X, STATS, W, BIAS, S, SH, SZ, SHZ,
         DX, DWP, DBP, DS, DSH, DSZ, DSHZ,
-        G, NGB, C, Cg, HW, inv_n,
+        G, NGB, C, Cg, HW,
         sdyb, sdyc, sdys, sxb, sxc, sxs, sdxb, sdxc, sdxs,
         ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, HAS_SH: tl.constexpr,
@@ -384,6 +391,7 @@ if HAS_TRITON:
         offs_s = tl.arange(0, BLOCK_S)
         mg = g0 + offs_g < G
         ch0 = (g0 + offs_g) * Cg
+        inv_n = 1.0 / (tl.zeros([GPB], ACC) + Cg * HW)
         b64 = b.to(tl.int64)
         xb = X + b64 * sxb
         dyb = DY + b64 * sdyb
@@ -598,7 +606,7 @@ def _launch_fwd(x, num_groups, weight, bias, scale, shift, z_scale, z_shift, eps
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         z_scale if z_scale is not None else dummy, z_shift if z_shift is not None else dummy,
-        num_groups, ngb, Cg, HW, 1.0 / (Cg * HW), eps,
+        num_groups, ngb, Cg, HW, eps,
         sxb, sxc, sxs, syb, syc, sys_,
         *_mod_strides(scale), *_mod_strides(shift), *_mod_strides(z_scale), *_mod_strides(z_shift),
         HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_S=scale is not None,
@@ -654,7 +662,7 @@ def _launch_bwd(dy, x, stats, weight, bias, scale, shift, z_scale, z_shift, num_
         dyr, xr, stats, pick(weight), pick(bias), pick(scale), pick(shift), pick(z_scale), pick(z_shift),
         dxw, pick(dwp, need[1]), pick(dbp, need[2]), pick(ds, need[3]), pick(dsh, need[4]),
         pick(dsz, need[5]), pick(dshz, need[6]),
-        num_groups, ngb, C, Cg, HW, 1.0 / (Cg * HW),
+        num_groups, ngb, C, Cg, HW,
         sdyb, sdyc, sdys, sxb, sxc, sxs, sdxb, sdxc, sdxs,
         *_mod_strides(scale), *_mod_strides(shift), *_mod_strides(z_scale), *_mod_strides(z_shift),
         HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_S=scale is not None,

@@ -79,16 +79,18 @@ def main() -> None:
     from torch.utils import benchmark as tb
 
     torch.manual_seed(0)
-    t = {}
+    t, iqr = {}, {}
     with torch.no_grad():
         for name, make in CASES.items():
             fn = _sync(make())
             fn()
-            t[name] = tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median
+            m = tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0)
+            t[name], iqr[name] = m.median, m.iqr
     print(f"device={DEVICE} threads={torch.get_num_threads()} batch={B} D={D} Linear({D}, {4 * BASE_C})")
     for name, sec in t.items():
-        print(f"  {name:>18}: {sec * 1e6:10.1f} us")
+        print(f"  {name:>18}: {sec * 1e6:10.1f} us  (IQR {iqr[name] * 1e6:.1f} us)")
     over = min(t["proj_table"], t["proj_arange"]) - t["proj_nomask"]
+    # Negative or within the IQRs: the mask costs less than the timing noise of the projection.
     print(f"  mask overhead (best masked - bare linear): {over * 1e6:.1f} us")
     for n in NORMS:
         print(f"  whole projection / one {n}: {t['proj_arange'] / t[n]:.2e};"

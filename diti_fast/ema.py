@@ -1,10 +1,13 @@
 """Exponential moving average of the trainable parameters, one fused foreach op per update.
 
 The original walks the parameters in a Python loop (two kernel launches per tensor, every step).
-Here the update is a single ``torch._foreach_lerp_`` over the list: ema ← ema + w·(θ − ema) with
-w = 1 − decay, which is the same arithmetic as ``ema.mul_(decay).add_(θ, alpha=1 − decay)`` up to
-rounding. ``w`` may be a 0-dim device tensor: the engine multiplies it by the step's "loss was
-finite" flag, so a skipped step leaves the EMA untouched without a host synchronisation.
+Here the update is fused over the whole list: ema ← ema + w·(θ − ema) with w = 1 − decay, the same
+arithmetic as ``ema.mul_(decay).add_(θ, alpha=1 − decay)`` up to rounding.
+
+``w`` may be a 0-dim device tensor: the engine multiplies it by the step's "loss was finite" flag,
+so a skipped step leaves the EMA untouched without a host synchronisation. ``_foreach_lerp_`` only
+takes a Python scalar weight (a tensor would be read back to the host), so that case runs
+sub / mul-by-tensor / add: three fused foreach kernels and one temporary of the trainable size.
 
 The shadow copies are float32 whatever the parameters' dtype: at decay 0.9999 an increment is 1e-4
 of the difference, below bf16's resolution.
@@ -31,11 +34,15 @@ class EMA:
     @torch.no_grad()
     def update(self, weight: float | torch.Tensor | None = None) -> None:
         """One EMA step; ``weight`` overrides 1 − decay (a tensor: masked on the device)."""
-        w = (1.0 - self.decay) if weight is None else weight
         src = [p.detach() for p in self.params]
         if not self._same_dtype:
             src = [p.float() for p in src]
-        torch._foreach_lerp_(self.shadow, src, w)
+        if not isinstance(weight, torch.Tensor):
+            torch._foreach_lerp_(self.shadow, src, (1.0 - self.decay) if weight is None else float(weight))
+            return
+        diff = torch._foreach_sub(src, self.shadow)
+        torch._foreach_mul_(diff, weight.to(torch.float32))
+        torch._foreach_add_(self.shadow, diff)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: s for n, s in zip(self.names, self.shadow)}

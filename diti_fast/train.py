@@ -160,12 +160,13 @@ class MicroBatches:
     (seed, epoch, rank, world_size) and can skip to a batch, so resuming replays the same stream.
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, micro: int, size: int, position: dict | None):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, micro: int, size: int, position: dict | None,
+                 device: torch.device):
         self.cfg, self.rank, self.world, self.micro = cfg, rank, world, micro
         self.position = dict(position or {"epoch": 0, "batch": 0})
         self._it = None
         if cfg.data.source == "fixed":
-            self.fixed = fixed_batch(cfg, size)
+            self.fixed = fixed_batch(cfg, size).to(device)  # on the device once: no copy per step
             self.local = cfg.data.batch_size // world
 
     def next(self, micro_step: int) -> torch.Tensor:
@@ -228,10 +229,6 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     if not use_cuda:
         # Must precede `import deepspeed`, which picks its accelerator once.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:  # plain `python train.py`: a one-process group
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -242,8 +239,13 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         # calls. DeepSpeed keeps its op-compatibility table in one module-level dict, so marking
         # the op unavailable skips the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" not in os.environ and not dist.is_initialized():
+        # Plain `python train.py`: a one-process group of our own. Not through environment
+        # variables, which would leak into any child process (and its port with them).
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on reading it
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an existing group
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -424,7 +426,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     step, position = 0, None
     if latest is not None:
         step, position = load_checkpoint(cfg, latest, engine, ema, rank, world)
-    data = MicroBatches(cfg, rank, world, micro, size, position)
+    data = MicroBatches(cfg, rank, world, micro, size, position, device)
     total = cfg.total_steps()
     meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, device)
     logger = Logger(run_dir, rank == 0, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)

@@ -120,7 +120,7 @@ def test_counterfactual_grid_png(env, tmp_path, capsys):
     assert img.format == "PNG"
     # 32 px images are drawn at 64 px; 4 rows (2 ranges x mirror), 3 columns, title and header bands.
     cell, pad = 64, 2
-    assert img.size[1] == 2 * (12 + 2 * pad) + 4 * cell + 5 * pad
+    assert img.size[1] == 2 * (13 + 2 * pad) + 4 * cell + 5 * pad
     assert img.size[0] > 3 * cell + 4 * pad
 
 

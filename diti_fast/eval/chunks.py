@@ -147,7 +147,7 @@ def plot_heatmap(table: ChunkTable, path, title: str = "") -> None:
         ax.set_xticklabels([f"{g.name}\n" + (f"[{g.dim_lo}:{g.dim_hi})" if mode == "alone" else f"[:{g.dim_hi})")
                             + f"\nt<{g.t_hi}" for g in table.groups], fontsize=7)
         ax.set_yticks(range(na))
-        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_yticklabels(labels if mode == "alone" else [], fontsize=8)  # shared rows: label once
         ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="skill (0 = chance, 1 = perfect)")
     fig.suptitle(title or "per-chunk attribution (text: AP / accuracy / Pearson r)", fontsize=10)

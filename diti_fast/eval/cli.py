@@ -188,7 +188,8 @@ def cmd_counterfactual(args) -> int:
                                    mirror=args.mirror)
     out = save_grid(_out(args, f"counterfactual_{args.pair[0]}_{args.pair[1]}.png"), imgs, labels,
                     [f"α={a:g}" for a in args.alphas],
-                    title=f"A = #{args.pair[0]}, B = #{args.pair[1]}; {args.invert_steps} inversion / {args.steps} DDIM steps")
+                    title=f"A = #{args.pair[0]}, B = #{args.pair[1]}; "
+                          f"{args.invert_steps} inversion / {args.steps} DDIM steps")
     print(f"wrote {out}")
     return 0
 
@@ -340,7 +341,9 @@ def add_subcommands(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m diti_fast.eval COMMAND ...`` (the eval commands plus ``sample``)."""
-    parser = argparse.ArgumentParser(prog="python -m diti_fast.eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diti_fast.eval",
+                                     description="DiTi evaluation: linear probes, per-chunk attribution, "
+                                                 "counterfactuals, reconstructions, DDPM samples, the report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_eval_commands(sub)
     add_sample_command(sub)

@@ -9,13 +9,14 @@ Row labels sit in the left column, column labels in the header band, the title a
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-_LINE_H = 12  # PIL's default font is about 11 px high; one line of label text
+_LINE_H = 13  # one line of 11 pt label text
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -25,8 +26,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.movedim(-3, -1).numpy()
 
 
+@functools.lru_cache(maxsize=1)
 def _font():
-    return ImageFont.load_default()
+    """DejaVu Sans (shipped with matplotlib) has α and arrows; PIL's own default font does not."""
+    try:
+        from matplotlib import font_manager
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), 11)
+    except Exception:  # no matplotlib or no FreeType: plain labels still work
+        return ImageFont.load_default()
 
 
 def _text_width(lines: list[str]) -> int:

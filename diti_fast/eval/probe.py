@@ -257,8 +257,9 @@ def _train_probe(train, val, test, specs, cfg: ProbeConfig, dims) -> ProbeResult
     y_tr = coder.encode(train[1]).to(dev)
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the Linear's default init draws from the global generator
-    model = nn.Linear(x_tr.shape[1], sum(s.width for s in specs)).to(dev)
+    with torch.random.fork_rng(devices=[]):  # seed the Linear's default init without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model = nn.Linear(x_tr.shape[1], sum(s.width for s in specs)).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     best, best_epoch, best_state, history = -math.inf, -1, None, []
     for epoch in range(cfg.epochs):
@@ -271,7 +272,8 @@ def _train_probe(train, val, test, specs, cfg: ProbeConfig, dims) -> ProbeResult
             loss.backward()
             opt.step()
         model.eval()
-        val_score = summarize(attribute_metrics(_outputs(model, x_va), val[1], specs, coder, full=False))["mean_score"]
+        val_metrics = attribute_metrics(_outputs(model, x_va), val[1], specs, coder, full=False)
+        val_score = summarize(val_metrics)["mean_score"]
         history.append(val_score)
         # NaN (e.g. a validation split with one class) never wins; the first epoch is kept as a fallback.
         if best_state is None or (not math.isnan(val_score) and val_score > best):

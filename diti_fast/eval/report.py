@@ -38,7 +38,8 @@ class ReportSettings:
     loc: tuple[int, ...] = DEFAULT_LOC
     width: tuple[int, ...] = DEFAULT_WIDTH
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    n_recon: int = 8
+    mirror: bool = False              # B←A rows too: doubles the counterfactual decodes
+    n_recon: int = 6
     n_samples: int = 16
     batch_size: int = 256
     seed: int = 0
@@ -147,7 +148,7 @@ def write_report(run_dir: str | Path, shards: str | Path, device="cpu", settings
     x = load_images(splits.test.source, [pa, pb], device)
     ranges = [(lo, lo + w) for lo, w in zip(s.loc, s.width) if lo < cfg.masks.k]
     log(f"counterfactuals for test images {pa} (A) and {pb} (B)")
-    imgs, labels = counterfactuals(sampler, x[:1], x[1:], ranges, s.alphas, s.steps, s.invert_steps)
+    imgs, labels = counterfactuals(sampler, x[:1], x[1:], ranges, s.alphas, s.steps, s.invert_steps, s.mirror)
     save_grid(out / "counterfactuals.png", imgs, labels, [f"α={a:g}" for a in s.alphas],
               title=f"A = #{pa}, B = #{pb}; {s.invert_steps} inversion / {s.steps} DDIM steps")
     rec_pos = [int(p) for p in splits.test.position[: s.n_recon]]
@@ -196,8 +197,9 @@ def write_report(run_dir: str | Path, shards: str | Path, device="cpu", settings
            "![per-chunk heatmap](chunks_heatmap.png)", "", "### Onsets", ""] + claim_lines
     md += ["", "## Counterfactuals", "",
            f"Images A (#{pa}) and B (#{pb}) from the test split. Row 'A←B chunks i-j' keeps A's z outside the "
-           "chunk range and moves the range towards B's by α, with x_T = slerp(x_T(A), x_T(B), α); 'B←A' is "
-           "the mirror. Column α=0 is the reconstruction of the row's own image.", "",
+           "chunk range and moves the range towards B's by α, with x_T = slerp(x_T(A), x_T(B), α)"
+           + ("; 'B←A' is the mirror" if s.mirror else "")
+           + ". Column α=0 is the reconstruction of the row's own image.", "",
            "![counterfactuals](counterfactuals.png)", "",
            "## Reconstruction", "", f"Mean squared error of the reconstruction in [-1, 1] units: {mse:.4f}.", "",
            "![reconstructions](reconstructions.png)", "", "## DDPM samples", "", "![samples](ddpm_samples.png)", ""]

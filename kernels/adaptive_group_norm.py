@@ -212,49 +212,54 @@ if HAS_TRITON:
 
     @triton.jit
     def _chan_params(W, BIAS, S, SH, SZ, SHZ, b, c, mc, ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-                     HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr,
-                     HAS_SH: tl.constexpr, HAS_SZ: tl.constexpr, HAS_SHZ: tl.constexpr,
-                     GPB: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                     MODS, GPB: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         """γ, β, p = 1+s, shift, q = 1+s_z, shift_z for the [GPB, BLOCK_C] channels c of sample b.
 
-        A missing tensor takes its identity value, so one code path serves every combination; the
-        constexpr branches remove the absent loads. (Loads are written out inline rather than
-        through a helper: nested @jit calls are expensive under the interpreter.)
+        A missing tensor (bit clear in MODS: 1 weight, 2 bias, 4 scale, 8 shift, 16 z_scale,
+        32 z_shift) takes its identity value, so one code path serves all 64 combinations. MODS is
+        a runtime argument, not a constexpr: the branches are uniform and run once per channel
+        tile, so they cost nothing next to the per-element work, while 64 constexpr
+        specialisations (x 2 for backward) would each be a separate JIT compile. (Loads are
+        written out inline: nested @jit calls are expensive under the interpreter.)
         """
-        if HAS_W:
+        if (MODS & 1) != 0:
             gam = tl.load(W + c, mask=mc, other=1.0).to(ACC)
         else:
             gam = tl.full([GPB, BLOCK_C], 1.0, ACC)
-        if HAS_BIAS:
+        if (MODS & 2) != 0:
             bet = tl.load(BIAS + c, mask=mc, other=0.0).to(ACC)
         else:
             bet = tl.full([GPB, BLOCK_C], 0.0, ACC)
-        if HAS_S:
+        if (MODS & 4) != 0:
             p = 1.0 + tl.load(S + (b * ssb + c * ssc), mask=mc, other=0.0).to(ACC)
         else:
             p = tl.full([GPB, BLOCK_C], 1.0, ACC)
-        if HAS_SH:
+        if (MODS & 8) != 0:
             sh = tl.load(SH + (b * sshb + c * sshc), mask=mc, other=0.0).to(ACC)
         else:
             sh = tl.full([GPB, BLOCK_C], 0.0, ACC)
-        if HAS_SZ:
+        if (MODS & 16) != 0:
             q = 1.0 + tl.load(SZ + (b * szb + c * szc), mask=mc, other=0.0).to(ACC)
         else:
             q = tl.full([GPB, BLOCK_C], 1.0, ACC)
-        if HAS_SHZ:
+        if (MODS & 32) != 0:
             shz = tl.load(SHZ + (b * szhb + c * szhc), mask=mc, other=0.0).to(ACC)
         else:
             shz = tl.full([GPB, BLOCK_C], 0.0, ACC)
         return gam, bet, p, sh, q, shz
 
-    @triton.jit
+    # The [B, C] tables' strides and the presence bits are not specialised on: a specialisation
+    # (stride == 1, divisible by 16, ...) buys nothing for a few per-channel loads, and the strides
+    # of absent tables (0) vs present chunk views (2C, 1) would otherwise multiply JIT compiles.
+    _NO_SPEC = ["ssb", "ssc", "sshb", "sshc", "szb", "szc", "szhb", "szhc", "MODS", "NEEDS"]
+
+    @triton.jit(do_not_specialize=_NO_SPEC[:-1])
     def _agn_fwd_kernel(
         X, Y, STATS, W, BIAS, S, SH, SZ, SHZ,
         G, NGB, Cg, HW, eps,
         sxb, sxc, sxs, syb, syc, sys_,
-        ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-        HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, HAS_SH: tl.constexpr,
-        HAS_SZ: tl.constexpr, HAS_SHZ: tl.constexpr, SILU: tl.constexpr, SINGLE: tl.constexpr,
+        ssb, ssc, sshb, sshc, szb, szc, szhb, szhc, MODS,
+        SILU: tl.constexpr, SINGLE: tl.constexpr,
         GPB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
     ):
         pid = tl.program_id(0)          # group blocks fastest: neighbouring groups run together
@@ -285,7 +290,7 @@ if HAS_TRITON:
             rstd = 1.0 / tl.sqrt(var + eps)
             gam, bet, p, sh, q, shz = _chan_params(W, BIAS, S, SH, SZ, SHZ, b, cidx, mc,
                                                    ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-                                                   HAS_W, HAS_BIAS, HAS_S, HAS_SH, HAS_SZ, HAS_SHZ,
+                                                   MODS,
                                                    GPB, BLOCK_C, ACC)
             sc = gam * p * q * rstd[:, None]
             bb = q * (bet * p + sh) + shz
@@ -326,7 +331,7 @@ if HAS_TRITON:
                 cidx = ch0[:, None] + cc[None, :]
                 gam, bet, p, sh, q, shz = _chan_params(W, BIAS, S, SH, SZ, SHZ, b, cidx, mc,
                                                        ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-                                                       HAS_W, HAS_BIAS, HAS_S, HAS_SH, HAS_SZ, HAS_SHZ,
+                                                       MODS,
                                                        GPB, BLOCK_C, ACC)
                 sc = gam * p * q * rstd[:, None]
                 sb = q * (bet * p + sh) + shz - delta[:, None] * sc
@@ -348,36 +353,33 @@ if HAS_TRITON:
     @triton.jit
     def _store_chan_grads(dA, dB, gam, bet, p, sh, q, b, c, mc, C,
                           DWP, DBP, DS, DSH, DSZ, DSHZ,
-                          NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DS: tl.constexpr,
-                          NEED_DSH: tl.constexpr, NEED_DSZ: tl.constexpr, NEED_DSHZ: tl.constexpr):
+                          NEEDS):
         # Chain rule from dA = ∂L/∂a, dB = ∂L/∂bb (per sample and channel) through
         # a = γ·p·q, bb = q·(β·p + sh) + shz with p = 1+s, q = 1+s_z. All outputs are [B, C]
-        # contiguous and each (b, c) is owned by one program: plain stores, no atomics.
+        # contiguous and each (b, c) is owned by one program: plain stores, no atomics. NEEDS bits
+        # (runtime, like MODS): 1 weight, 2 bias, 4 scale, 8 shift, 16 z_scale, 32 z_shift.
         off = b * C + c
-        if NEED_DW:
+        if (NEEDS & 1) != 0:
             tl.store(DWP + off, (dA * p * q).to(DWP.dtype.element_ty), mask=mc)
-        if NEED_DB:
+        if (NEEDS & 2) != 0:
             tl.store(DBP + off, (dB * p * q).to(DBP.dtype.element_ty), mask=mc)
-        if NEED_DS:
+        if (NEEDS & 4) != 0:
             tl.store(DS + off, (q * (dA * gam + dB * bet)).to(DS.dtype.element_ty), mask=mc)
-        if NEED_DSH:
+        if (NEEDS & 8) != 0:
             tl.store(DSH + off, (dB * q).to(DSH.dtype.element_ty), mask=mc)
-        if NEED_DSZ:
+        if (NEEDS & 16) != 0:
             tl.store(DSZ + off, (dA * gam * p + dB * (bet * p + sh)).to(DSZ.dtype.element_ty), mask=mc)
-        if NEED_DSHZ:
+        if (NEEDS & 32) != 0:
             tl.store(DSHZ + off, dB.to(DSHZ.dtype.element_ty), mask=mc)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPEC)
     def _agn_bwd_kernel(
         DY, X, STATS, W, BIAS, S, SH, SZ, SHZ,
         DX, DWP, DBP, DS, DSH, DSZ, DSHZ,
         G, NGB, C, Cg, HW,
         sdyb, sdyc, sdys, sxb, sxc, sxs, sdxb, sdxc, sdxs,
-        ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-        HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, HAS_SH: tl.constexpr,
-        HAS_SZ: tl.constexpr, HAS_SHZ: tl.constexpr, SILU: tl.constexpr,
-        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DS: tl.constexpr,
-        NEED_DSH: tl.constexpr, NEED_DSZ: tl.constexpr, NEED_DSHZ: tl.constexpr,
+        ssb, ssc, sshb, sshc, szb, szc, szhb, szhc, MODS, NEEDS,
+        SILU: tl.constexpr, NEED_DX: tl.constexpr,
         SINGLE: tl.constexpr, GPB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         ACC: tl.constexpr,
     ):
@@ -410,7 +412,7 @@ if HAS_TRITON:
             xhat = tl.where(m, ((x - K) - delta) * rstd, 0.0)
             gam, bet, p, sh, q, shz = _chan_params(W, BIAS, S, SH, SZ, SHZ, b, cidx, mc,
                                                    ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-                                                   HAS_W, HAS_BIAS, HAS_S, HAS_SH, HAS_SZ, HAS_SHZ,
+                                                   MODS,
                                                    GPB, BLOCK_C, ACC)
             a = gam * p * q
             if SILU:
@@ -424,7 +426,7 @@ if HAS_TRITON:
             dB = tl.sum(du, axis=2)
             _store_chan_grads(dA, dB, gam, bet, p, sh, q, b, cidx, mc, C,
                               DWP, DBP, DS, DSH, DSZ, DSHZ,
-                              NEED_DW, NEED_DB, NEED_DS, NEED_DSH, NEED_DSZ, NEED_DSHZ)
+                              NEEDS)
             if NEED_DX:
                 k1 = (tl.sum(a * dB, axis=1) * inv_n)[:, None, None]
                 k2 = (tl.sum(a * dA, axis=1) * inv_n)[:, None, None]
@@ -440,7 +442,7 @@ if HAS_TRITON:
                 cidx = ch0[:, None] + cc[None, :]
                 gam, bet, p, sh, q, shz = _chan_params(W, BIAS, S, SH, SZ, SHZ, b, cidx, mc,
                                                        ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-                                                       HAS_W, HAS_BIAS, HAS_S, HAS_SH, HAS_SZ, HAS_SHZ,
+                                                       MODS,
                                                        GPB, BLOCK_C, ACC)
                 a = gam * p * q
                 bb = q * (bet * p + sh) + shz
@@ -464,7 +466,7 @@ if HAS_TRITON:
                     dB += tl.sum(du, axis=2)
                 _store_chan_grads(dA, dB, gam, bet, p, sh, q, b, cidx, mc, C,
                                   DWP, DBP, DS, DSH, DSZ, DSHZ,
-                                  NEED_DW, NEED_DB, NEED_DS, NEED_DSH, NEED_DSZ, NEED_DSHZ)
+                                  NEEDS)
                 k1 += tl.sum(a * dB, axis=1)
                 k2 += tl.sum(a * dA, axis=1)
             if NEED_DX:
@@ -476,7 +478,7 @@ if HAS_TRITON:
                     cidx = ch0[:, None] + cc[None, :]
                     gam, bet, p, sh, q, shz = _chan_params(W, BIAS, S, SH, SZ, SHZ, b, cidx, mc,
                                                            ssb, ssc, sshb, sshc, szb, szc, szhb, szhc,
-                                                           HAS_W, HAS_BIAS, HAS_S, HAS_SH, HAS_SZ, HAS_SHZ,
+                                                           MODS,
                                                            GPB, BLOCK_C, ACC)
                     a = gam * p * q
                     bb = q * (bet * p + sh) + shz
@@ -555,7 +557,8 @@ def _plan(x: torch.Tensor, G: int, Cg: int, HW: int, bwd: bool):
         single = False
     # ~16 elements per thread in a tile: enough independent loads in flight per thread while
     # keeping the backward's live fp32 values out of spill territory (ptxas for sm_90 reports
-    # 40-130 registers and no spills at the celeba64 shapes).
+    # 40-200 registers and no spills at the celeba64 shapes, the 8² channels_last backward being
+    # the heaviest).
     num_warps = max(1, min(16, (gpb * bc * bs) // (32 * _ELEMS_PER_THREAD)))
     return gpb, bc, bs, single, num_warps, triton.cdiv(G, gpb)
 
@@ -586,6 +589,11 @@ def _mod_strides(t):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
+def _bits(*present) -> int:
+    """Bit i set <=> the i-th item is present (a tensor, or True)."""
+    return sum(1 << i for i, t in enumerate(present) if t is not None and t is not False)
+
+
 def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -611,8 +619,7 @@ def _launch_fwd(x, num_groups, weight, bias, scale, shift, z_scale, z_shift, eps
         num_groups, ngb, Cg, HW, eps,
         sxb, sxc, sxs, syb, syc, sys_,
         *_mod_strides(scale), *_mod_strides(shift), *_mod_strides(z_scale), *_mod_strides(z_shift),
-        HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_S=scale is not None,
-        HAS_SH=shift is not None, HAS_SZ=z_scale is not None, HAS_SHZ=z_shift is not None,
+        _bits(weight, bias, scale, shift, z_scale, z_shift),
         SILU=silu, SINGLE=single, GPB=gpb, BLOCK_C=bc, BLOCK_S=bs, ACC=_acc(x.dtype), num_warps=nw,
     )
     if yw is not y:
@@ -667,11 +674,8 @@ def _launch_bwd(dy, x, stats, weight, bias, scale, shift, z_scale, z_shift, num_
         num_groups, ngb, C, Cg, HW,
         sdyb, sdyc, sdys, sxb, sxc, sxs, sdxb, sdxc, sdxs,
         *_mod_strides(scale), *_mod_strides(shift), *_mod_strides(z_scale), *_mod_strides(z_shift),
-        HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_S=scale is not None,
-        HAS_SH=shift is not None, HAS_SZ=z_scale is not None, HAS_SHZ=z_shift is not None,
-        SILU=silu, NEED_DX=need[0], NEED_DW=need[1], NEED_DB=need[2], NEED_DS=need[3],
-        NEED_DSH=need[4], NEED_DSZ=need[5], NEED_DSHZ=need[6],
-        SINGLE=single, GPB=gpb, BLOCK_C=bc, BLOCK_S=bs, ACC=_acc(x.dtype), num_warps=nw,
+        _bits(weight, bias, scale, shift, z_scale, z_shift), _bits(*need[1:]),
+        SILU=silu, NEED_DX=need[0], SINGLE=single, GPB=gpb, BLOCK_C=bc, BLOCK_S=bs, ACC=_acc(x.dtype), num_warps=nw,
     )
     if need[0] and dxw is not dx:
         dx.copy_(dxw)

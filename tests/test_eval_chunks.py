@@ -59,7 +59,7 @@ def table():
 
 def test_attribution_finds_the_planted_groups(table):
     alone = table.matrix("alone")
-    assert alone.shape == (2, 5)
+    assert alone.shape == (2, 5) and table.matrix("random").shape == (2, 5)
     assert int(np.argmax(alone[0])) == 0 and alone[0, 0] > 0.8   # fine: stage 1 alone
     assert int(np.argmax(alone[1])) == 4 and alone[1, 4] > 0.8   # coarse: stage 5 alone
     assert alone[0, 1:].max() < 0.3 and alone[1, :4].max() < 0.3
@@ -75,3 +75,10 @@ def test_table_and_heatmap_outputs(table, tmp_path):
     assert md.count("\n") == 1 + 2 and "fine_attr [fine]" in md
     plot_heatmap(table, tmp_path / "h.png")
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_random_dims_control_does_not_find_the_planted_attribute(table):
+    # 10 random dims out of 512 almost never include enough of the planted [0, 10) to decode 'fine_attr'.
+    rand = table.matrix("random")
+    assert rand[0, 0] < table.matrix("alone")[0, 0] - 0.5
+    assert table.onsets()[0]["first_group_random_skill"] == rand[0, 0]

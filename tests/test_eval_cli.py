@@ -125,13 +125,15 @@ def test_counterfactual_grid_png(env, tmp_path, capsys):
 
 
 def test_interpolate_reconstruct_and_sample(env, tmp_path):
+    main(["counterfactual", "--run", str(env / "run"), "--data", str(env / "shards"), "--loc", "4", "--width", "8",
+          "--fixed-noise", "--no-mirror", "--steps", "2", "--invert-steps", "2", "--out", str(tmp_path / "f.png")])
     main(["interpolate", "--run", str(env / "run"), "--data", str(env / "shards"), "--num", "3", "--steps", "2",
           "--invert-steps", "2", "--out", str(tmp_path / "i.png")])
     main(["reconstruct", "--run", str(env / "run"), "--data", str(env / "shards"), "--indices", "0,1",
           "--steps", "2", "--invert-steps", "2", "--out", str(tmp_path / "r.png")])
     main(["sample", "--run", str(env / "ddpm"), "--num", "3", "--steps", "2", "--out", str(tmp_path / "s.png")])
     main(["sample", "--run", str(env / "run"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s2.png")])
-    for name in ("i", "r", "s", "s2"):
+    for name in ("f", "i", "r", "s", "s2"):
         assert Image.open(tmp_path / f"{name}.png").format == "PNG"
 
 
@@ -140,8 +142,8 @@ def test_report_on_random_weights(env):
                        n_recon=2, n_samples=2)
     md = write_report(env / "run", env / "shards", "cpu", s, log=lambda m: None)
     out = md.parent
-    for f in ("report.md", "report.json", "chunks_heatmap.png", "counterfactuals.png", "reconstructions.png",
-              "ddpm_samples.png"):
+    for f in ("report.md", "report.json", "chunks_heatmap.png", "counterfactuals.png",
+              "counterfactuals_fixed_noise.png", "reconstructions.png", "ddpm_samples.png"):
         assert (out / f).is_file(), f
     text = md.read_text()
     assert "80/10/10" in text and "standardised" in text and "2 inversion and 2 reverse steps" in text
@@ -149,3 +151,21 @@ def test_report_on_random_weights(env):
     assert [g["dim_hi"] for g in numbers["chunks"]["groups"]] == [10, 35, 362, 462, 512]
     assert set(numbers["fine_vs_coarse"]) >= {"fine", "coarse"}
     assert numbers["sizes"] == {"train": 120, "val": 15, "test": 15}
+
+
+def test_counterfactual_cells_are_the_algebra_decoded(env):
+    """Grid cells equal decodes of the hand-built (x_T, z): α = 0 is A's reconstruction; on the full range
+    α = 1 is B's z with B's x_T (slerp) or with A's x_T (fixed noise)."""
+    from diti_fast.eval.counterfactual import Sampler, counterfactuals
+    from diti_fast.eval.features import load_images
+    sampler = Sampler(load_run(env / "run"))
+    x = load_images(env / "shards", [5, 11])
+    steps = 2
+    z = sampler.encode(x)
+    xT = sampler.invert(x, z, steps)
+    ref = sampler.decode(torch.cat([xT[:1], xT[1:], xT[:1]]), torch.cat([z[:1], z[1:], z[1:]]), steps)
+    for slerp_noise, want_at_1 in ((True, ref[1]), (False, ref[2])):
+        imgs, _ = counterfactuals(sampler, x[:1], x[1:], [(0, 64)], (0.0, 1.0), steps, steps, mirror=False,
+                                  slerp_noise=slerp_noise)
+        torch.testing.assert_close(imgs[0, 0], ref[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(imgs[0, 1], want_at_1, atol=1e-4, rtol=0)

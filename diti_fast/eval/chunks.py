@@ -70,6 +70,10 @@ class ChunkTable:
     prefix: list[list[dict]]  # [group][attribute] test metrics, probe on z[:dim_hi]
     probe: dict
     split: str
+    # Control: as many dims as the group has, drawn at random from all of z. Groups differ in size (10 vs
+    # 327 dims in the paper's config), so "alone" beating this control is what says the group itself,
+    # not its width, holds the attribute.
+    random: list[list[dict]] | None = None
 
     def matrix(self, mode: str, key: str = "skill") -> np.ndarray:
         """[attribute, group] array of one metric key."""
@@ -81,6 +85,7 @@ class ChunkTable:
         """Per attribute: the first group whose prefix reaches ``frac`` of the best prefix skill (the
         attribute's onset), and the group that decodes it best on its own. None when never decodable."""
         pre, alone = self.matrix("prefix"), self.matrix("alone")
+        rand = self.matrix("random") if self.random is not None else None
         out = []
         for a, s in enumerate(self.specs):
             best = np.nanmax(pre[a]) if np.isfinite(pre[a]).any() else math.nan
@@ -91,32 +96,43 @@ class ChunkTable:
             out.append({"name": s.name, "group": s.group, "best_prefix_skill": best, "onset_group": onset,
                         "onset_dim": self.groups[onset].dim_hi if onset is not None else None,
                         "best_alone_group": peak,
-                        "first_group_alone_skill": float(alone[a, 0]), "last_group_alone_skill": float(alone[a, -1])})
+                        "first_group_alone_skill": float(alone[a, 0]), "last_group_alone_skill": float(alone[a, -1]),
+                        "first_group_random_skill": float(rand[a, 0]) if rand is not None else None})
         return out
 
     def to_json(self) -> dict:
         return {"groups": [asdict(g) for g in self.groups], "attributes": [asdict(s) for s in self.specs],
-                "alone": self.alone, "prefix": self.prefix, "probe": self.probe, "split": self.split,
-                "onsets": self.onsets()}
+                "alone": self.alone, "prefix": self.prefix, "random": self.random, "probe": self.probe,
+                "split": self.split, "onsets": self.onsets()}
 
 
 def chunk_attribution(splits: Splits, specs: list[AttributeSpec], groups: list[ChunkGroup],
-                      cfg: ProbeConfig, log=print) -> ChunkTable:
+                      cfg: ProbeConfig, log=print, control: bool = True) -> ChunkTable:
     data = [(s.z, s.attrs) for s in (splits.train, splits.val, splits.test)]
-    alone, prefix = [], []
+    D = splits.train.z.shape[1]
+    rng = np.random.default_rng(cfg.seed)
+    alone, prefix, random = [], [], []
     for g in groups:
         ra = train_probe(*data, specs, cfg, dims=slice(g.dim_lo, g.dim_hi))
         rp = train_probe(*data, specs, cfg, dims=slice(0, g.dim_hi))
         alone.append(ra.test)
         prefix.append(rp.test)
-        log(f"  {g.label}: mean skill alone {ra.summary['mean_skill']:.3f}, prefix {rp.summary['mean_skill']:.3f}")
-    return ChunkTable(groups, specs, alone, prefix, asdict(cfg), splits.description)
+        msg = f"  {g.label}: mean skill alone {ra.summary['mean_skill']:.3f}, prefix {rp.summary['mean_skill']:.3f}"
+        if control:
+            rr = train_probe(*data, specs, cfg, dims=np.sort(rng.choice(D, g.dim_hi - g.dim_lo, replace=False)))
+            random.append(rr.test)
+            msg += f", {g.dim_hi - g.dim_lo} random dims {rr.summary['mean_skill']:.3f}"
+        log(msg)
+    return ChunkTable(groups, specs, alone, prefix, asdict(cfg), splits.description, random if control else None)
 
 
 def format_chunk_table(table: ChunkTable, mode: str) -> str:
     """Markdown: one row per attribute, one column per group, raw metric (skill in parentheses)."""
-    head = "| attribute | metric | " + " | ".join(f"{g.name} z[{g.dim_lo}:{g.dim_hi}]" if mode == "alone"
-                                                  else f"{g.name} z[:{g.dim_hi}]" for g in table.groups) + " |"
+    def col(g: ChunkGroup) -> str:
+        return {"alone": f"{g.name} z[{g.dim_lo}:{g.dim_hi}]", "prefix": f"{g.name} z[:{g.dim_hi}]",
+                "random": f"{g.name}: {g.dim_hi - g.dim_lo} random dims"}[mode]
+
+    head = "| attribute | metric | " + " | ".join(col(g) for g in table.groups) + " |"
     lines = [head, "|---|---|" + "---|" * len(table.groups)]
     score, skill = table.matrix(mode, "score"), table.matrix(mode, "skill")
     for a, s in enumerate(table.specs):
@@ -133,9 +149,15 @@ def plot_heatmap(table: ChunkTable, path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     na, ng = len(table.specs), len(table.groups)
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.5 * ng, 1.2 + 0.45 * na), squeeze=False)
+    panels = [("alone", "group alone"), ("prefix", "cumulative prefix z[:hi]")]
+    if table.random is not None:
+        panels.append(("random", "control: as many random dims"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.95 * ng * len(panels), 1.2 + 0.45 * na),
+                             squeeze=False)
     labels = [f"{s.name} [{s.group}]" if s.group else s.name for s in table.specs]
-    for ax, mode, name in zip(axes[0], ("alone", "prefix"), ("group alone", "cumulative prefix z[:hi]")):
+    ticks = {"alone": lambda g: f"[{g.dim_lo}:{g.dim_hi})", "prefix": lambda g: f"[:{g.dim_hi})",
+             "random": lambda g: f"{g.dim_hi - g.dim_lo} dims"}
+    for ax, (mode, name) in zip(axes[0], panels):
         skill, score = table.matrix(mode, "skill"), table.matrix(mode, "score")
         im = ax.imshow(np.nan_to_num(skill, nan=0.0), vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for a in range(na):
@@ -144,8 +166,7 @@ def plot_heatmap(table: ChunkTable, path, title: str = "") -> None:
                 ax.text(g, a, "–" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if np.nan_to_num(skill[a, g]) < 0.6 else "black")
         ax.set_xticks(range(ng))
-        ax.set_xticklabels([f"{g.name}\n" + (f"[{g.dim_lo}:{g.dim_hi})" if mode == "alone" else f"[:{g.dim_hi})")
-                            + f"\nt<{g.t_hi}" for g in table.groups], fontsize=7)
+        ax.set_xticklabels([f"{g.name}\n{ticks[mode](g)}\nt<{g.t_hi}" for g in table.groups], fontsize=7)
         ax.set_yticks(range(na))
         ax.set_yticklabels(labels if mode == "alone" else [], fontsize=8)  # shared rows: label once
         ax.set_title(name, fontsize=9)

@@ -185,7 +185,7 @@ def cmd_counterfactual(args) -> int:
     sampler, x = _sampler_and_images(args, list(args.pair))
     ranges = [(lo, lo + w) for lo, w in zip(args.loc, args.width)]
     imgs, labels = counterfactuals(sampler, x[:1], x[1:], ranges, args.alphas, args.steps, args.invert_steps,
-                                   mirror=args.mirror)
+                                   mirror=args.mirror, slerp_noise=not args.fixed_noise)
     out = save_grid(_out(args, f"counterfactual_{args.pair[0]}_{args.pair[1]}.png"), imgs, labels,
                     [f"α={a:g}" for a in args.alphas],
                     title=f"A = #{args.pair[0]}, B = #{args.pair[1]}; "
@@ -286,6 +286,8 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--alphas", type=_floats, default=list(DEFAULT_ALPHAS))
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                    help="also the rows of B receiving A's chunks")
+    p.add_argument("--fixed-noise", action="store_true",
+                   help="keep each row's own inverted x_T instead of slerping it (the original's lerpT=False)")
     _ddim_opts(p)
     p.add_argument("--out", help="PNG path (default RUN/eval/counterfactual_A_B.png)")
     p.set_defaults(func=cmd_counterfactual)

@@ -97,9 +97,13 @@ def _check_steps(sampler: Sampler, *steps: int) -> None:
 
 
 def counterfactuals(sampler: Sampler, x1: torch.Tensor, x2: torch.Tensor, ranges: list[tuple[int, int]],
-                    alphas=DEFAULT_ALPHAS, steps: int = 100, invert_steps: int = 100, mirror: bool = True):
+                    alphas=DEFAULT_ALPHAS, steps: int = 100, invert_steps: int = 100, mirror: bool = True,
+                    slerp_noise: bool = True):
     """Rows of counterfactuals for one image pair ([1,3,H,W] each). For each chunk range: z1 receiving
     z2's chunks with x_T = slerp(x_T1, x_T2, α) ("A←B") and, with ``mirror``, the same for z2 ("B←A").
+    ``slerp_noise=False`` keeps the row image's own x_T (the original's ``lerpT=False``): then only the
+    chunk range changes, which isolates what it encodes; with the slerp, α = 1 is mostly B whatever
+    the range, since the inverted x_T alone nearly determines a DDIM decode.
     Returns images [R, len(alphas), 3, H, W] and the row labels."""
     _check_steps(sampler, steps, invert_steps)
     x = torch.cat([x1, x2])
@@ -115,7 +119,7 @@ def counterfactuals(sampler: Sampler, x1: torch.Tensor, x2: torch.Tensor, ranges
                 key = ("base", a) if al == 0 else (a, dlo, dhi, float(al))
                 if key not in jobs:
                     jobs[key] = (swap_chunks(z[a:a + 1], z[b:b + 1], dlo, dhi, al),
-                                 slerp(xT[a:a + 1], xT[b:b + 1], al))
+                                 slerp(xT[a:a + 1], xT[b:b + 1], al) if slerp_noise else xT[a:a + 1])
                 row.append(list(jobs).index(key))
             cells.append(row)
             labels.append(f"{name} chunks {lo}-{hi} z[{dlo}:{dhi}]")

@@ -234,9 +234,10 @@ def _outputs(model: nn.Module, x: torch.Tensor, bs: int = 4096) -> np.ndarray:
 
 def train_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
                 test: tuple[np.ndarray, np.ndarray], specs: list[AttributeSpec],
-                cfg: ProbeConfig | None = None, dims: slice | None = None) -> ProbeResult:
-    """Train one linear probe on (features, attribute table) pairs; ``dims`` restricts the features
-    (a chunk group or a prefix of z). Selects the epoch with the best mean validation score."""
+                cfg: ProbeConfig | None = None, dims: slice | np.ndarray | None = None) -> ProbeResult:
+    """Train one linear probe on (features, attribute table) pairs; ``dims`` (a slice or an index array)
+    restricts the features to a chunk group or a prefix of z. Selects the epoch with the best mean
+    validation score."""
     cfg = cfg or ProbeConfig()
     with _single_thread(torch.device(cfg.device)):
         return _train_probe(train, val, test, specs, cfg, dims)

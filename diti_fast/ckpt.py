@@ -109,7 +109,7 @@ def save(root: Path, step: int, *, rank: int, world_size: int, barrier, model_st
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step-*"):
+        for stale in (*root.glob(".tmp-step-*"), *root.glob(".old-step-*")):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier()
@@ -121,9 +121,14 @@ def save(root: Path, step: int, *, rank: int, world_size: int, barrier, model_st
         files = sorted(p.name for p in tmp.iterdir())
         meta = dict(meta, step=step, world_size=world_size, files=files, time=time.time())
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        trash = None
+        if final.exists():  # the same step saved again (e.g. a resumed run that ends where it began)
+            trash = root / f".old-{final.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
         os.replace(tmp, final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
         _fsync_dir(root)
         for _, old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -27,8 +27,8 @@ from pathlib import Path  # noqa: E402
 
 # Lengths in images as every run; the minute caps govern on a slow machine. Measured on 2 cores:
 # see docs/training.md (the demo section) for the timings these were chosen from.
-DEFAULTS = dict(train_samples=10000, eval_samples=4000, ddpm_images=8000, diti_images=6400,
-                ddpm_minutes=4.5, diti_minutes=6.0)
+DEFAULTS = dict(train_samples=10000, eval_samples=4000, ddpm_images=9600, diti_images=6400,
+                ddpm_minutes=5.5, diti_minutes=5.5)
 
 
 def _make_shards(out: Path, num: int, seed: int) -> None:

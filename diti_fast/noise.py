@@ -24,15 +24,15 @@ _M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers
 _STREAM_T, _STREAM_EPS = 0x1B873593, 0x5BD1E995  # distinct keys for the two streams
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x, c: int):
     """(x · c) mod 2^32 for int64 x in [0, 2^32) without int64 overflow."""
     lo = x * (c & 0xFFFF)
     hi = ((x * (c >> 16)) & 0xFFFF) << 16
     return (lo + hi) & _MASK32
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit hash of int64 values in [0, 2^32)."""
+def mix32(x):
+    """A bijective 32-bit hash of int64 values in [0, 2^32) (a tensor, or a Python int)."""
     x = x ^ (x >> 16)
     x = _mul32(x, _M1)
     x = x ^ (x >> 15)
@@ -42,8 +42,9 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 def _sample_keys(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
     """One 32-bit key per sample from (seed, stream, 64-bit global index)."""
-    base = mix32(torch.tensor([(seed & _MASK32) ^ stream], dtype=torch.int64, device=index.device))
-    base = mix32(base ^ ((seed >> 32) & _MASK32))
+    # mix32 is plain integer arithmetic, so the (seed, stream) part is hashed in Python: a tensor
+    # built from a Python list would be a host-to-device copy, i.e. a sync, every step on a GPU.
+    base = mix32(mix32((seed & _MASK32) ^ stream) ^ ((seed >> 32) & _MASK32))
     index = index.to(torch.int64)
     k = mix32(base ^ (index & _MASK32))
     return mix32(k ^ ((index >> 32) & _MASK32))

@@ -30,6 +30,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import contextlib
 import dataclasses
+import json
 import signal
 import socket
 import time
@@ -111,27 +112,47 @@ class Objective(nn.Module):
         return out.loss, out.per_sample, t
 
 
-def load_frozen_ddpm(decoder: nn.Module, cfg: TrainConfig) -> str:
-    """Fill the frozen DDPM inside the ShiftUNet from init.ddpm (our export or the original's file)."""
+def _init_ddpm_path(cfg: TrainConfig) -> Path:
     path = Path(cfg.init.ddpm)
     if path.is_dir():
         path = export_path(path)
     if not path.is_file():
         raise ConfigError(f"init.ddpm={cfg.init.ddpm}: no such file (expected a ddpm-stage run's "
                           "export/ema.safetensors, its run directory, or an original checkpoint .pt)")
+    return path
+
+
+def check_init_ddpm(cfg: TrainConfig) -> Path:
+    """Before any work: the frozen DDPM exists and (for our exports) was trained with this UNet."""
+    path = _init_ddpm_path(cfg)
+    if path.suffix != ".safetensors":
+        return path  # the original's format holds no config: its keys/shapes are checked on load
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("config", "null"))
+    except Exception as e:
+        raise ConfigError(f"init.ddpm={path}: not a readable safetensors export ({e})") from None
+    if not isinstance(meta, dict) or meta.get("stage") != "ddpm" or "model" not in meta:
+        raise ConfigError(f"init.ddpm={path}: not a ddpm-stage export of this engine (metadata stage="
+                          f"{(meta or {}).get('stage') if isinstance(meta, dict) else None!r})")
+    ours, theirs = to_dict(cfg.model.unet), dict(meta["model"].get("unet", {}))
+    # latent_dim only sizes the (trainable) label embedding; dropout never acts on the frozen path.
+    diffs = [f"model.unet.{k}: export has {theirs.get(k)!r}, config has {v!r}" for k, v in ours.items()
+             if k not in ("latent_dim", "dropout") and _norm(theirs.get(k)) != _norm(v)]
+    if to_dict(cfg.model.diffusion) != meta["model"].get("diffusion"):
+        diffs.append(f"model.diffusion: export has {meta['model'].get('diffusion')}, config has "
+                     f"{to_dict(cfg.model.diffusion)}")
+    if diffs:
+        raise ConfigError(f"init.ddpm={path} was trained with a different DDPM: " + "; ".join(diffs))
+    return path
+
+
+def load_frozen_ddpm(decoder: nn.Module, cfg: TrainConfig) -> str:
+    """Fill the frozen DDPM inside the ShiftUNet from init.ddpm (our export or the original's file)."""
+    path = check_init_ddpm(cfg)
     if path.suffix == ".safetensors":
-        tensors, meta = load_weights(path)
-        if not meta or meta.get("stage") != "ddpm":
-            raise CheckpointError(f"init.ddpm={path}: not a ddpm-stage export (metadata stage="
-                                  f"{(meta or {}).get('stage')!r})")
-        ours, theirs = to_dict(cfg.model.unet), dict(meta["model"]["unet"])
-        diffs = [f"model.unet.{k}: export has {theirs.get(k)!r}, config has {v!r}" for k, v in ours.items()
-                 if k != "latent_dim" and k != "dropout" and _norm(theirs.get(k)) != _norm(v)]
-        if to_dict(cfg.model.diffusion) != meta["model"]["diffusion"]:
-            diffs.append(f"model.diffusion: export has {meta['model']['diffusion']}, config has "
-                         f"{to_dict(cfg.model.diffusion)}")
-        if diffs:
-            raise ConfigError(f"init.ddpm={path} was trained with a different DDPM: " + "; ".join(diffs))
+        tensors, _ = load_weights(path)
         load_state(decoder, split_prefixed(tensors, "unet"), f"init.ddpm={path}", allow_missing=TRAINABLE)
     else:
         load_original_ddpm(decoder, path, use_ema=cfg.init.ddpm_use_ema)
@@ -378,11 +399,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     size = cfg.image_size(check_shards(cfg, world, micro))
     # Record the resolved image size in the saved config and the export (sampling reads it there).
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
-    if cfg.stage == "diti" and not (resolve_run_dir(cfg) / "checkpoints").is_dir():
-        ddpm = Path(cfg.init.ddpm)
-        if not (ddpm.is_file() or export_path(ddpm).is_file()):
-            raise ConfigError(f"init.ddpm={cfg.init.ddpm}: no such file (expected a ddpm-stage run's "
-                              "export/ema.safetensors, its run directory, or an original checkpoint .pt)")
+    if cfg.stage == "diti" and ckpt.latest_checkpoint(resolve_run_dir(cfg) / "checkpoints") is None:
+        check_init_ddpm(cfg)  # a resumed run takes the frozen DDPM from its checkpoint instead
     threads = torch.get_num_threads()
     if cfg.run.threads and device_type == "cpu":
         torch.set_num_threads(cfg.run.threads)
@@ -498,7 +516,6 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                     bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}",
                                     nonfinite=stats["nonfinite_steps"], refresh=False)
                 if stats["max_consecutive_nonfinite"] >= cfg.guard.max_consecutive_nonfinite:
-                    status = "nonfinite"
                     raise NonFiniteLoss(
                         f"stopped at step {step}: the loss was NaN/inf for "
                         f"{stats['max_consecutive_nonfinite']} consecutive steps "

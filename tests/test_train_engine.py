@@ -117,6 +117,14 @@ def test_a_run_of_nonfinite_losses_stops_keeping_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "export").exists()
 
 
+def test_a_frozen_ddpm_of_another_architecture_is_refused_before_any_work(tmp_path, ddpm_export):
+    from diti_fast.config import ConfigError
+    cfg = tiny(tmp_path, f"init.ddpm={ddpm_export.parent.parent}", "model.unet.channel_multiplier=[1,2,2]")
+    with pytest.raises(ConfigError, match=r"model.unet.channel_multiplier: export has \[1, 2\], config has"):
+        train(cfg)
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def _tree_equal(a, b, path="") -> list[str]:
     """Paths where two nested checkpoint structures differ (tensors compared bit for bit)."""
     if isinstance(a, torch.Tensor):

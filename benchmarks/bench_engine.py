@@ -55,17 +55,18 @@ def _cuda() -> bool:
 
 def case_overrides(case: str, steps: int, batch: int, run_dir: Path, ddpm: Path, threads: int) -> tuple[str, list]:
     common = ["data.source=fixed", f"data.batch_size={batch}", f"run.max_images={steps * batch}",
-              f"init.ddpm={ddpm}", f"run.dir={run_dir}", "log.every=1", "log.progress=false",
-              "log.tensorboard=false", "checkpoint.every=0", "checkpoint.on_signal=false",
-              "optim.scale_lr_by_batch=false", "deepspeed.zero_stage=0"]
+              f"init.ddpm={ddpm}", f"run.dir={run_dir}", "log.progress=false",
+              "log.tensorboard=false", "checkpoint.every=0", "checkpoint.on_signal=false"]
     if case in ("eager", "compiled"):
+        # One process, as the original's step is timed: no ZeRO partitioning, lr as given.
         return "celeba64", common + CPU_MODEL + [
+            "log.every=1", "optim.scale_lr_by_batch=false", "deepspeed.zero_stage=0",
             "run.device=cpu", "run.precision=fp32", f"run.threads={threads}", "fast.attention=sdpa",
             "fast.fused_norm=false", "fast.fused_loss=false", f"fast.compile={case == 'compiled'}"]
-    if case == "gpu_original":
-        return "celeba64_original", common
+    if case == "gpu_original":  # the presets as they are (ZeRO-2, lr rule), as benchmarks/gpu_check.py runs them
+        return "celeba64_original", common + ["log.every=10", "run.device=cuda"]
     if case == "gpu_preset":
-        return "celeba64", common
+        return "celeba64", common + ["log.every=10", "run.device=cuda"]
     raise ValueError(case)
 
 
@@ -222,6 +223,16 @@ def table(results: dict[str, dict]) -> str:
         last = r["loss_curve"][-1][1] if r.get("loss_curve") else float("nan")
         lines.append(f"{case:<14} {r['images_per_s']:>9.2f} {x:>12} {r['peak_memory_bytes'] / 2**20:>10.0f} MiB "
                      f"{r['first_step_s'] or 0:>14.2f} {last:>11.4f}")
+    if base and len(results) > 1:
+        # Loss curves: mean over the second half of the logged steps, each case against the baseline.
+        def late_mean(r):
+            curve = [v for s, v in r["loss_curve"] if s > r["loss_curve"][-1][0] / 2 and math.isfinite(v)]
+            return sum(curve) / len(curve) if curve else float("nan")
+        b = late_mean(base)
+        for case, r in results.items():
+            if r is not base:
+                lines.append(f"{case}: late-half mean loss {late_mean(r):.4f} vs baseline {b:.4f} "
+                             f"({abs(late_mean(r) - b) / b:.1%} apart)")
     return "\n".join(lines)
 
 

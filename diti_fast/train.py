@@ -10,7 +10,10 @@ Overrides are ``dotted.key=value`` (see docs/training.md). The run directory hol
 relaunching the same command resumes from the latest complete checkpoint.
 
 Reading order: ``train()`` sets up (config checks, process group, run directory, models, frozen
-DDPM, DeepSpeed, resume) and then runs the loop, which per optimiser step does:
+DDPM, DeepSpeed, resume) and then runs the loop. Helpers with one job each: ``objective.py``
+(models + loss + frozen DDPM), ``batches.py`` (micro-batches, resumable), ``launch.py`` (process
+group, DeepSpeed config, optimiser), ``ckpt.py`` (atomic checkpoints, signals), ``ema.py``,
+``metrics.py``, ``noise.py`` (t and ε by sample index), ``train_config.py``. Per optimiser step:
 micro-batches -> forward/backward (t and ε keyed by global sample index) -> one all-reduced
 "loss finite" flag on the device -> optimiser step (skipped on the device when not finite) -> EMA
 -> device-side metrics; host syncs only at log / checkpoint / signal-agreement steps.
@@ -28,30 +31,26 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import yaml
 
-from diti_fast import ckpt, noise
-from diti_fast.checkpoint import CheckpointError, load_original_ddpm, load_state, load_weights, split_prefixed
-from diti_fast.config import ConfigError, to_dict
-from diti_fast.diffusion import make_schedule
+from diti_fast import ckpt
+from diti_fast.batches import MicroBatches, check_shards, to_model_input
+from diti_fast.checkpoint import CheckpointError, load_state
+from diti_fast.config import ConfigError
 from diti_fast.ema import EMA
 from diti_fast.export import export_path, save_export
-from diti_fast.losses import ddpm_loss, diti_loss
-from diti_fast.masks import TimestepMasks
+from diti_fast.launch import base_optimizer, deepspeed_config, make_optimizer, setup_distributed
 from diti_fast.metrics import Logger, Meter, peak_memory_bytes
-from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet
+from diti_fast.nn import build_decoder, build_encoder, build_unet
+from diti_fast.objective import Objective, check_init_ddpm, load_frozen_ddpm
 from diti_fast.train_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
                                     validate_runtime)
 
@@ -71,242 +70,6 @@ class TrainResult:
     run_dir: Path
     export: Path | None = None
     last_checkpoint: Path | None = None
-
-
-# ============================================================================ objectives
-
-class Objective(nn.Module):
-    """What DeepSpeed wraps: the models plus the loss, forward(x0, global_index) -> (loss, per_sample, t).
-
-    t and ε are drawn inside forward from (seed, global sample index), so with torch.compile they
-    fuse into the same graph as the loss.
-    """
-
-    def __init__(self, cfg: TrainConfig, device: torch.device, autocast: bool):
-        super().__init__()
-        self.stage, self.seed, self.mode = cfg.stage, cfg.run.seed, cfg.diti.mode
-        self.fused_loss = cfg.fast.fused_loss
-        self.device_type, self.autocast = device.type, autocast
-        self.sched = make_schedule(cfg.model.diffusion, device)
-        if cfg.stage == "ddpm":
-            self.unet = build_unet(cfg.model, cfg.fast)
-        else:
-            m = cfg.model
-            self.masks = TimestepMasks.build(m.masks, m.unet.latent_dim, m.diffusion.timesteps, device)
-            self.encoder = build_encoder(m, cfg.fast)
-            self.decoder = build_decoder(m, cfg.fast)
-
-    def trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-
-    def forward(self, x0: torch.Tensor, index: torch.Tensor):
-        t, eps = noise.draw(self.seed, index, tuple(x0.shape[1:]), self.sched.timesteps)
-        ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
-               else contextlib.nullcontext())
-        with ctx:
-            if self.stage == "ddpm":
-                out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss)
-            else:
-                out = diti_loss(self.encoder, self.decoder, x0, t, eps, self.sched, self.masks,
-                                self.mode, self.fused_loss)
-        return out.loss, out.per_sample, t
-
-
-def _init_ddpm_path(cfg: TrainConfig) -> Path:
-    path = Path(cfg.init.ddpm)
-    if path.is_dir():
-        path = export_path(path)
-    if not path.is_file():
-        raise ConfigError(f"init.ddpm={cfg.init.ddpm}: no such file (expected a ddpm-stage run's "
-                          "export/ema.safetensors, its run directory, or an original checkpoint .pt)")
-    return path
-
-
-def check_init_ddpm(cfg: TrainConfig) -> Path:
-    """Before any work: the frozen DDPM exists and (for our exports) was trained with this UNet."""
-    path = _init_ddpm_path(cfg)
-    if path.suffix != ".safetensors":
-        return path  # the original's format holds no config: its keys/shapes are checked on load
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("config", "null"))
-    except Exception as e:
-        raise ConfigError(f"init.ddpm={path}: not a readable safetensors export ({e})") from None
-    if not isinstance(meta, dict) or meta.get("stage") != "ddpm" or "model" not in meta:
-        raise ConfigError(f"init.ddpm={path}: not a ddpm-stage export of this engine (metadata stage="
-                          f"{(meta or {}).get('stage') if isinstance(meta, dict) else None!r})")
-    ours, theirs = to_dict(cfg.model.unet), dict(meta["model"].get("unet", {}))
-    # latent_dim only sizes the (trainable) label embedding; dropout never acts on the frozen path.
-    diffs = [f"model.unet.{k}: export has {theirs.get(k)!r}, config has {v!r}" for k, v in ours.items()
-             if k not in ("latent_dim", "dropout") and _norm(theirs.get(k)) != _norm(v)]
-    if to_dict(cfg.model.diffusion) != meta["model"].get("diffusion"):
-        diffs.append(f"model.diffusion: export has {meta['model'].get('diffusion')}, config has "
-                     f"{to_dict(cfg.model.diffusion)}")
-    if diffs:
-        raise ConfigError(f"init.ddpm={path} was trained with a different DDPM: " + "; ".join(diffs))
-    return path
-
-
-def load_frozen_ddpm(decoder: nn.Module, cfg: TrainConfig) -> str:
-    """Fill the frozen DDPM inside the ShiftUNet from init.ddpm (our export or the original's file)."""
-    path = check_init_ddpm(cfg)
-    if path.suffix == ".safetensors":
-        tensors, _ = load_weights(path)
-        load_state(decoder, split_prefixed(tensors, "unet"), f"init.ddpm={path}", allow_missing=TRAINABLE)
-    else:
-        load_original_ddpm(decoder, path, use_ema=cfg.init.ddpm_use_ema)
-    decoder.freeze()
-    return str(path)
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-# ============================================================================ data
-
-def fixed_batch(cfg: TrainConfig, size: int) -> torch.Tensor:
-    """A deterministic uint8 global batch of smooth random images (the 'fixed' data source)."""
-    g = torch.Generator().manual_seed(cfg.run.seed + 12345)
-    low = torch.rand(cfg.data.batch_size, 3, max(1, size // 8), max(1, size // 8), generator=g)
-    img = nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    return (img * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-class MicroBatches:
-    """This rank's micro-batches, endlessly, with the position needed to resume exactly.
-
-    ``position`` = (epoch, micro-batches consumed in that epoch); the loader is deterministic in
-    (seed, epoch, rank, world_size) and can skip to a batch, so resuming replays the same stream.
-    """
-
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, micro: int, size: int, position: dict | None,
-                 device: torch.device):
-        self.cfg, self.rank, self.world, self.micro = cfg, rank, world, micro
-        self.position = dict(position or {"epoch": 0, "batch": 0})
-        self._it = None
-        if cfg.data.source == "fixed":
-            self.fixed = fixed_batch(cfg, size).to(device)  # on the device once: no copy per step
-            self.local = cfg.data.batch_size // world
-
-    def next(self, micro_step: int) -> torch.Tensor:
-        if self.cfg.data.source == "fixed":
-            start = self.rank * self.local + micro_step * self.micro
-            return self.fixed[start:start + self.micro]
-        while True:
-            if self._it is None:
-                from diti_fast.data import train_loader
-                d = self.cfg.data
-                self._it = iter(train_loader(
-                    d.shards, batch_size=self.micro, seed=self.cfg.run.seed, rank=self.rank,
-                    world_size=self.world, num_workers=d.num_workers, hflip=d.hflip,
-                    start_epoch=self.position["epoch"], skip_batches=self.position["batch"],
-                    shuffle_buffer=d.shuffle_buffer, strict=d.strict))
-            batch = next(self._it, None)
-            if batch is None:  # end of epoch
-                self._it = None
-                self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
-                continue
-            self.position["batch"] += 1
-            return batch["image"]
-
-
-def check_shards(cfg: TrainConfig, world: int, micro: int) -> int | None:
-    """Validate the shard set before any work; returns its image size."""
-    if cfg.data.source != "shards":
-        return None
-    from diti_fast.data import read_manifest
-    try:
-        man = read_manifest(cfg.data.shards)
-    except Exception as e:  # FileNotFoundError, DataFormatError
-        raise ConfigError(f"data.shards={cfg.data.shards}: {e}") from None
-    size = int(man["image_size"])
-    want = cfg.image_size(size)
-    if size != want:
-        raise ConfigError(f"data.shards={cfg.data.shards} holds {size}x{size} images but the model takes "
-                          f"{want}x{want} (model.encoder.name={cfg.model.encoder.name!r}, "
-                          f"data.image_size={cfg.data.image_size})")
-    if int(man.get("channels", 3)) != cfg.model.unet.input_channel:
-        raise ConfigError(f"data.shards={cfg.data.shards} has {man.get('channels')} channels but "
-                          f"model.unet.input_channel={cfg.model.unet.input_channel}")
-    if man["num_samples"] // world // micro < 1:
-        raise ConfigError(f"data.shards={cfg.data.shards} has {man['num_samples']} samples, fewer than one "
-                          f"micro-batch per rank (data.batch_size={cfg.data.batch_size} over {world} ranks)")
-    return size
-
-
-# ============================================================================ launch plumbing
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """Join (or create) the process group; works under deepspeed, torchrun and plain python."""
-    use_cuda = cfg.run.device != "cpu" and torch.cuda.is_available()
-    if not use_cuda:
-        # Must precede `import deepspeed`, which picks its accelerator once.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    import deepspeed
-    if not use_cuda:
-        # The CPU accelerator JIT-compiles a shared-memory all-reduce op at process-group start
-        # (minutes on a small machine); it only serves inference_all_reduce, which training never
-        # calls. DeepSpeed keeps its op-compatibility table in one module-level dict, so marking
-        # the op unavailable skips the build.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if use_cuda else "gloo"
-    if "RANK" not in os.environ and not dist.is_initialized():
-        # Plain `python train.py`: a one-process group of our own. Not through environment
-        # variables, which would leak into any child process (and its port with them).
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on reading it
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an existing group
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
-    micro = cfg.micro_batch(world)
-    ds = {
-        "train_batch_size": cfg.data.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": cfg.deepspeed.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "steps_per_print": 2 ** 62,       # DeepSpeed's own log line reads the loss scale (a sync)
-        "wall_clock_breakdown": False,
-        # Precision is handled by the engine: fp32 master weights and optimiser state, bf16 autocast
-        # in the forward (DeepSpeed's bf16 mode would cast the frozen DDPM's weights to bf16 too).
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-    }
-    if cfg.deepspeed.zero_stage in (1, 2):
-        # Without clipping the global gradient norm is not needed; computing it costs a host sync
-        # per step. Non-finite steps are skipped by the engine's own device-side flag instead.
-        ds["zero_optimization"]["compute_grad_norm"] = cfg.optim.grad_clip > 0
-    return ds
-
-
-def make_optimizer(params, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Plain Adam (L2-free, not AdamW), the fused implementation.
-
-    We hand DeepSpeed a client optimiser rather than its "Adam" config entry, which with
-    torch_adam silently turns into AdamW (weight decay 0.01) unless adam_w_mode is false. The
-    fused kernel also accepts a device-side ``found_inf`` flag and then leaves parameters, moments
-    and step count untouched: that is how a non-finite step is skipped without a host sync.
-    """
-    return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, fused=True)
-
-
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimiser under DeepSpeed's wrapper (ZeRO 1/2 wrap it; stage 0 does not)."""
-    opt = engine.optimizer
-    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -463,7 +226,6 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
               f"steps={step}->{total}" + (f" resumed from {latest}" if latest else "")
               + (f" frozen DDPM from {frozen_from}" if frozen_from else ""), flush=True)
 
-    ema_w = torch.tensor(1.0 - cfg.ema.decay, device=device)
     nan = torch.tensor(float("nan"), device=device)
     nan_steps = set(cfg.debug.nan_at_steps)
     local = cfg.data.batch_size // world
@@ -498,7 +260,9 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                 engine.step()
             step += 1
             if step % cfg.ema.every == 0:
-                ema.update(ema_w * finite)  # weight 0 on a skipped step: the EMA stays put
+                n = step // cfg.ema.every - 1  # updates done before this one
+                decay = min(cfg.ema.decay, (1 + n) / (10 + n)) if cfg.ema.warmup else cfg.ema.decay
+                ema.update(finite * (1.0 - decay))  # weight 0 on a skipped step: the EMA stays put
             meter.add_step(finite)
             if bar is not None:
                 bar.update(1)
@@ -581,11 +345,6 @@ def stop_reason(stop: ckpt.StopSignal, deadline: float | None, step: int, world:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flags = t.tolist()
     return "signal" if flags[0] else "time_limit" if flags[1] else None
-
-
-def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    from diti_fast.data import to_model_input as convert
-    return convert(images, device)
 
 
 # ============================================================================ command line

@@ -103,6 +103,10 @@ class DeepSpeedSection:
 class EmaSection:
     decay: float = 0.9999
     every: int = 1                 # steps between EMA updates
+    # decay_n = min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's num_updates rule), so a
+    # short run's EMA is not mostly its random initial weights (0.999^300 = 0.74 of it). Off in
+    # the original-hyper-parameter presets.
+    warmup: bool = False
 
 
 @dataclass

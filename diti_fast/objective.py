@@ -1,0 +1,113 @@
+"""What DeepSpeed wraps: the models and the loss of one stage, and the frozen DDPM's loading.
+
+``Objective.forward(x0, global_index)`` draws t and ε from (seed, global sample index), runs the
+stage's loss (the plain ε-loss for ``ddpm``, DiTi's masked shift loss for ``diti``) under bf16
+autocast when asked, and returns (loss, per-sample loss, t).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from diti_fast import noise
+from diti_fast.checkpoint import load_original_ddpm, load_state, load_weights, split_prefixed
+from diti_fast.config import ConfigError, to_dict
+from diti_fast.diffusion import make_schedule
+from diti_fast.export import export_path
+from diti_fast.losses import ddpm_loss, diti_loss
+from diti_fast.masks import TimestepMasks
+from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet
+from diti_fast.train_config import TrainConfig
+
+
+class Objective(nn.Module):
+    """What DeepSpeed wraps: the models plus the loss, forward(x0, global_index) -> (loss, per_sample, t).
+
+    t and ε are drawn inside forward from (seed, global sample index), so with torch.compile they
+    fuse into the same graph as the loss.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, autocast: bool):
+        super().__init__()
+        self.stage, self.seed, self.mode = cfg.stage, cfg.run.seed, cfg.diti.mode
+        self.fused_loss = cfg.fast.fused_loss
+        self.device_type, self.autocast = device.type, autocast
+        self.sched = make_schedule(cfg.model.diffusion, device)
+        if cfg.stage == "ddpm":
+            self.unet = build_unet(cfg.model, cfg.fast)
+        else:
+            m = cfg.model
+            self.masks = TimestepMasks.build(m.masks, m.unet.latent_dim, m.diffusion.timesteps, device)
+            self.encoder = build_encoder(m, cfg.fast)
+            self.decoder = build_decoder(m, cfg.fast)
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def forward(self, x0: torch.Tensor, index: torch.Tensor):
+        t, eps = noise.draw(self.seed, index, tuple(x0.shape[1:]), self.sched.timesteps)
+        ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
+               else contextlib.nullcontext())
+        with ctx:
+            if self.stage == "ddpm":
+                out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss)
+            else:
+                out = diti_loss(self.encoder, self.decoder, x0, t, eps, self.sched, self.masks,
+                                self.mode, self.fused_loss)
+        return out.loss, out.per_sample, t
+
+
+def _init_ddpm_path(cfg: TrainConfig) -> Path:
+    path = Path(cfg.init.ddpm)
+    if path.is_dir():
+        path = export_path(path)
+    if not path.is_file():
+        raise ConfigError(f"init.ddpm={cfg.init.ddpm}: no such file (expected a ddpm-stage run's "
+                          "export/ema.safetensors, its run directory, or an original checkpoint .pt)")
+    return path
+
+
+def check_init_ddpm(cfg: TrainConfig) -> Path:
+    """Before any work: the frozen DDPM exists and (for our exports) was trained with this UNet."""
+    path = _init_ddpm_path(cfg)
+    if path.suffix != ".safetensors":
+        return path  # the original's format holds no config: its keys/shapes are checked on load
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("config", "null"))
+    except Exception as e:
+        raise ConfigError(f"init.ddpm={path}: not a readable safetensors export ({e})") from None
+    if not isinstance(meta, dict) or meta.get("stage") != "ddpm" or "model" not in meta:
+        raise ConfigError(f"init.ddpm={path}: not a ddpm-stage export of this engine (metadata stage="
+                          f"{(meta or {}).get('stage') if isinstance(meta, dict) else None!r})")
+    ours, theirs = to_dict(cfg.model.unet), dict(meta["model"].get("unet", {}))
+    # latent_dim only sizes the (trainable) label embedding; dropout never acts on the frozen path.
+    diffs = [f"model.unet.{k}: export has {theirs.get(k)!r}, config has {v!r}" for k, v in ours.items()
+             if k not in ("latent_dim", "dropout") and _norm(theirs.get(k)) != _norm(v)]
+    if to_dict(cfg.model.diffusion) != meta["model"].get("diffusion"):
+        diffs.append(f"model.diffusion: export has {meta['model'].get('diffusion')}, config has "
+                     f"{to_dict(cfg.model.diffusion)}")
+    if diffs:
+        raise ConfigError(f"init.ddpm={path} was trained with a different DDPM: " + "; ".join(diffs))
+    return path
+
+
+def load_frozen_ddpm(decoder: nn.Module, cfg: TrainConfig) -> str:
+    """Fill the frozen DDPM inside the ShiftUNet from init.ddpm (our export or the original's file)."""
+    path = check_init_ddpm(cfg)
+    if path.suffix == ".safetensors":
+        tensors, _ = load_weights(path)
+        load_state(decoder, split_prefixed(tensors, "unet"), f"init.ddpm={path}", allow_missing=TRAINABLE)
+    else:
+        load_original_ddpm(decoder, path, use_ema=cfg.init.ddpm_use_ema)
+    decoder.freeze()
+    return str(path)
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v

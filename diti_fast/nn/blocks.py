@@ -43,7 +43,8 @@ def norm_act(gn: nn.GroupNorm, x: torch.Tensor, scale=None, shift=None, z_scale=
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding, cos half first (guided-diffusion's order)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    # Built on t's device: a CPU tensor copied to the GPU every forward would be a host sync per step.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

@@ -29,7 +29,7 @@ import pytest
 from data_shards.synthetic import make_synthetic_shards
 from diti_fast.data import train_loader
 from diti_fast.data.codec import IMAGE_EXT, decode_image
-from diti_fast.data.tarstream import iter_members
+from diti_fast.data.tar_members import iter_members
 
 NUM = 4000  # samples in the shard set
 EPOCH = 8000  # images per timed run (the set twice), so start-up costs are amortised as in training

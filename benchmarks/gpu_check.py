@@ -62,12 +62,12 @@ DEFAULT_BUDGET = sum(PHASE_BUDGETS.values())
 KILL_GRACE_S = 8          # SIGTERM, then this long, then SIGKILL (the whole process group)
 LOG_CAP_BYTES = 2 << 20   # per phase in log.txt: head and tail kept, the middle elided
 
-KERNEL_TESTS = ["tests/test_adaptive_group_norm.py", "tests/test_diti_loss.py",
-                "tests/test_attention.py", "tests/test_masked_latent.py"]
+KERNEL_TESTS = ["tests/test_fused_norm.py", "tests/test_fused_loss.py",
+                "tests/test_attention.py", "tests/test_masks_prefix.py"]
 # One pytest run per file, each with its own JSON: a file that hangs costs its own results only
 # (pytest-benchmark writes its JSON at the end of a session). Shares of the phase's time.
-BENCH_FILES = {"benchmarks/bench_adaptive_group_norm.py": 0.40, "benchmarks/bench_diti_loss.py": 0.27,
-               "benchmarks/bench_attention.py": 0.23, "benchmarks/bench_masked_latent.py": 0.10}
+BENCH_FILES = {"benchmarks/bench_fused_norm.py": 0.40, "benchmarks/bench_fused_loss.py": 0.27,
+               "benchmarks/bench_attention.py": 0.23, "benchmarks/bench_latent_mask.py": 0.10}
 # Short rounds: every bench file already warms up (compilation, autotuning) outside the timing,
 # and each timed call runs many steps, so 5+ rounds within 0.25 s give a stable median.
 BENCH_ARGS = ["--benchmark-enable", "--benchmark-only", "--benchmark-min-rounds=5",
@@ -312,8 +312,8 @@ def worker_env(out: Path, full: bool) -> None:
         info["device"] = {"name": "cpu", "processor": platform.processor(), "threads": torch.get_num_threads()}
     # Where the code under test comes from: this checkout, kernels through the shim.
     origins = {}
-    for mod in ("diti_fast", "diti_fast.kernels", "diti_fast.kernels.adaptive_group_norm",
-                "diti_fast.kernels.diti_loss", "diti_fast.kernels.masked_latent", "diti_fast.nn.attention"):
+    for mod in ("diti_fast", "diti_fast.kernels", "diti_fast.kernels.fused_norm",
+                "diti_fast.kernels.fused_loss", "diti_fast.nn.attention"):
         try:
             m = importlib.import_module(mod)
             f = str(Path(m.__file__).resolve())
@@ -516,9 +516,9 @@ def worker_engine(out: Path, tmp: Path, deadline: float, steps: int, batch: int 
                   fast_config: str, original_config: str) -> None:
     """DDPM export, then train.py on the original's configuration and on the preset."""
     import torch
-    from diti_fast.export import save_export
+    from diti_fast.weights import save_export
     from diti_fast.nn import build_unet
-    from diti_fast.train_config import load_config, resolved_dict
+    from diti_fast.engine.config import load_config, resolved_dict
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -714,7 +714,7 @@ def goal_rows(results: dict) -> list[dict]:
     entries = bench_entries(results.get("bench"))
     copy = ceil.get("copy_GBps")
     # Adaptive GroupNorm: fwd+bwd at 32² and 64² against the copy bandwidth, eager and compile.
-    agn = bench_groups(entries, "bench_adaptive_group_norm.py", "variant")
+    agn = bench_groups(entries, "bench_fused_norm.py", "variant")
     agn_goal = sorted((k for k in agn if dict(k).get("mode") == "fwd_bwd" and _res_of(dict(k)["shape"]) in (32, 64)),
                       key=lambda k: (dict(k)["dtype"], dict(k)["shape"]))
     for key in agn_goal:
@@ -737,7 +737,7 @@ def goal_rows(results: dict) -> list[dict]:
                 rows.append(_row("GroupNorm", case, f"speed-up over {base}", fmt_x(r), f"≥ {fmt_x(GOALS[goal])}",
                                  r >= GOALS[goal]))
     # DiTi loss: the Triton kernel against torch.compile of the same outputs.
-    loss = bench_groups(entries, "bench_diti_loss.py", "variant")
+    loss = bench_groups(entries, "bench_fused_loss.py", "variant")
     for key in sorted(loss, key=lambda k: (dict(k)["dtype"], dict(k)["shape"])):
         p, g = dict(key), loss[key]
         case = f"{p['shape']} {p['dtype']} fwd+bwd"

@@ -20,7 +20,6 @@ its numbers come from the same analysis as gpu_check's summary.md (``gpu_check.g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -104,8 +103,8 @@ def _shape_order(shape: str) -> tuple:
 def plot_bandwidth(res: dict, out: Path) -> Path | None:
     """GB/s over the minimum traffic per shape, against the measured copy bandwidth."""
     entries = gc.bench_entries(res.get("bench"))
-    agn = gc.bench_groups(entries, "bench_adaptive_group_norm.py", "variant")
-    loss = gc.bench_groups(entries, "bench_diti_loss.py", "variant")
+    agn = gc.bench_groups(entries, "bench_fused_norm.py", "variant")
+    loss = gc.bench_groups(entries, "bench_fused_loss.py", "variant")
     if not agn and not loss:
         return None
     copy = (res.get("ceilings") or {}).get("copy_GBps")
@@ -156,7 +155,7 @@ def speedup_bars(res: dict) -> list[tuple[str, list[tuple[str, float]], float | 
     """[(panel title, [(label, ratio)], goal)] for the speed-up figure."""
     entries = gc.bench_entries(res.get("bench"))
     panels = []
-    agn = gc.bench_groups(entries, "bench_adaptive_group_norm.py", "variant")
+    agn = gc.bench_groups(entries, "bench_fused_norm.py", "variant")
     for base, goal in (("eager", "gn_vs_eager"), ("compile", "gn_vs_compile")):
         bars = []
         for k in sorted(agn, key=lambda k: (dict(k)["mode"], dict(k)["dtype"], _shape_order(dict(k)["shape"]))):
@@ -167,7 +166,7 @@ def speedup_bars(res: dict) -> list[tuple[str, list[tuple[str, float]], float | 
         if bars:
             panels.append((f"GroupNorm+SiLU: Triton over {base}\n(goal for fwd_bwd at 32², 64²)", bars,
                            gc.GOALS[goal]))
-    loss = gc.bench_groups(entries, "bench_diti_loss.py", "variant")
+    loss = gc.bench_groups(entries, "bench_fused_loss.py", "variant")
     bars = []
     for k in sorted(loss, key=lambda k: (dict(k)["dtype"], dict(k)["shape"])):
         p, g = dict(k), loss[k]

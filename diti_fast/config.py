@@ -260,8 +260,8 @@ class EncoderConfig:
 class FastConfig:
     """Speed switches. None of them changes the maths; all default to the reference path."""
     attention: typing.Literal["sdpa", "math", "xformers"] = "sdpa"
-    fused_norm: bool = False  # Triton adaptive GroupNorm+SiLU (diti_fast.kernels.adaptive_group_norm)
-    fused_loss: bool = False  # Triton noise-weighted loss (diti_fast.kernels.diti_loss)
+    fused_norm: bool = False  # Triton adaptive GroupNorm+SiLU (diti_fast.kernels.fused_norm)
+    fused_loss: bool = False  # Triton noise-weighted loss (diti_fast.kernels.fused_loss)
 
 
 @dataclass

@@ -6,14 +6,12 @@ the number of ranks); these functions are pure given (x0, t, ε).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from .diffusion import Schedule, at_t, q_sample
 from .masks import TimestepMasks
 
-Mode = Literal["base", "stop_grad", "dual", "pdae"]
 MODES = ("base", "stop_grad", "dual", "pdae")
 
 
@@ -21,6 +19,15 @@ MODES = ("base", "stop_grad", "dual", "pdae")
 class LossOut:
     loss: torch.Tensor          # scalar, what backward() is called on
     per_sample: torch.Tensor    # [B] mean over C·H·W, detached (for per-t-bucket monitoring)
+    # The fused kernel's per-t-bucket (sums of per_sample, counts), computed in the same pass; the
+    # engine's meter takes them instead of recomputing. None on the unfused path.
+    buckets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __add__(self, other: "LossOut") -> "LossOut":
+        buckets = None
+        if self.buckets is not None and other.buckets is not None:
+            buckets = (self.buckets[0] + other.buckets[0], self.buckets[1] + other.buckets[1])
+        return LossOut(self.loss + other.loss, self.per_sample + other.per_sample, buckets)
 
 
 def weighted_shift_loss_ref(eps: torch.Tensor, eps_hat: torch.Tensor, g: torch.Tensor, t: torch.Tensor,
@@ -31,24 +38,26 @@ def weighted_shift_loss_ref(eps: torch.Tensor, eps_hat: torch.Tensor, g: torch.T
     return w * (eps - (eps_hat + c * g)) ** 2
 
 
-def shift_loss(eps, eps_hat, g, t, sched: Schedule, fused: bool = False) -> LossOut:
+def shift_loss(eps, eps_hat, g, t, sched: Schedule, fused: bool = False, num_buckets: int = 10) -> LossOut:
     if fused:
-        from diti_fast.kernels.diti_loss import diti_loss
+        from diti_fast.kernels import diti_loss
         # t comes from randint(0, T): skip the range check, which would read t back to the host.
-        loss, per_sample, _, _ = diti_loss(eps, eps_hat, g, t, sched.shift_coef, sched.weight, check_t=False)
-        return LossOut(loss, per_sample.detach())
+        loss, per_sample, bsum, bcount = diti_loss(eps, eps_hat, g, t, sched.shift_coef, sched.weight,
+                                                   num_buckets=num_buckets, check_t=False)
+        return LossOut(loss, per_sample.detach(), (bsum, bcount))
     elem = weighted_shift_loss_ref(eps, eps_hat.to(g.dtype), g, t, sched).float()
     return LossOut(elem.mean(), elem.detach().flatten(1).mean(1))
 
 
 def ddpm_loss(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
-              fused: bool = False) -> LossOut:
+              fused: bool = False, num_buckets: int = 10) -> LossOut:
     """Plain ε-prediction loss used to pre-train the DDPM: mean((ε − ε_θ(x_t, t))²)."""
     pred = unet(q_sample(sched, x0, t, noise), t)
     if fused:
-        from diti_fast.kernels.diti_loss import ddpm_loss as ddpm_loss_kernel
-        loss, per_sample, _, _ = ddpm_loss_kernel(noise, pred, t, timesteps=sched.timesteps, check_t=False)
-        return LossOut(loss, per_sample.detach())
+        from diti_fast.kernels import ddpm_loss as ddpm_loss_kernel
+        loss, per_sample, bsum, bcount = ddpm_loss_kernel(noise, pred, t, timesteps=sched.timesteps,
+                                                          num_buckets=num_buckets, check_t=False)
+        return LossOut(loss, per_sample.detach(), (bsum, bcount))
     elem = ((noise - pred.to(noise.dtype)) ** 2).float()
     return LossOut(elem.mean(), elem.detach().flatten(1).mean(1))
 
@@ -69,8 +78,8 @@ def conditioning(z: torch.Tensor, t: torch.Tensor, masks: TimestepMasks, mode: s
 
 
 def diti_loss(encoder, decoder, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
-              masks: TimestepMasks, mode: str = "base", fused: bool = False, z: torch.Tensor | None = None
-              ) -> LossOut:
+              masks: TimestepMasks, mode: str = "base", fused: bool = False, z: torch.Tensor | None = None,
+              num_buckets: int = 10) -> LossOut:
     """DiTi's objective. ``dual`` sums the base and stop_grad losses, as the original."""
     if mode not in MODES:
         raise ValueError(f"unknown DiTi mode {mode!r}; choose one of {MODES}")
@@ -81,6 +90,6 @@ def diti_loss(encoder, decoder, x0: torch.Tensor, t: torch.Tensor, noise: torch.
     total = None
     for branch in branches:
         eps_hat, g = decoder(x_t, t, conditioning(z, t, masks, branch))
-        out = shift_loss(noise, eps_hat, g, t, sched, fused)
-        total = out if total is None else LossOut(total.loss + out.loss, total.per_sample + out.per_sample)
+        out = shift_loss(noise, eps_hat, g, t, sched, fused, num_buckets)
+        total = out if total is None else total + out
     return total

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diti_fast.checkpoint import join_prefixed, save_weights
+from diti_fast.weights import join_prefixed, save_weights
 from diti_fast.config import EncoderConfig, MaskConfig, ModelConfig, UNetConfig, to_dict
 from diti_fast.eval.cli import main
 from diti_fast.eval.features import cached_features, load_run
 from diti_fast.eval.report import ReportSettings, write_report
 from diti_fast.eval.probe import ProbeConfig
-from diti_fast.export import export_path, save_export
+from diti_fast.weights import export_path, save_export
 from diti_fast.nn import build_decoder, build_encoder, build_unet
 
 synthetic = pytest.importorskip("data_shards.synthetic")

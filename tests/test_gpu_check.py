@@ -89,8 +89,8 @@ def _bench(fullname_file, name, params, median, **extra):
             "stats": {"median": median, "mean": median, "min": median, "max": median, "rounds": 5}}
 
 
-AGN = "bench_adaptive_group_norm.py"
-LOSS = "bench_diti_loss.py"
+AGN = "bench_fused_norm.py"
+LOSS = "bench_fused_loss.py"
 ATTN = "bench_attention.py"
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from diti_fast.checkpoint import CheckpointError, load_original_ddpm, load_state
+from diti_fast.weights import CheckpointError, load_original_ddpm, load_state
 from diti_fast.config import (ConfigError, EncoderConfig, MaskConfig, ModelConfig, UNetConfig, from_dict,
                               model_config_from_original)
 from diti_fast.diffusion import make_schedule

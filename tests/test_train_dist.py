@@ -22,8 +22,8 @@ import pytest
 import torch
 import yaml
 
-from diti_fast.train import train
-from diti_fast.train_config import apply_overrides, build_config
+from diti_fast.engine.loop import train
+from diti_fast.engine.config import apply_overrides, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_two_rank_zero2_equals_one_process_on_the_combined_batch(tmp_path):
     a = torch.load(one / "checkpoints/step-00000003/model.pt", weights_only=True)
     b = torch.load(two / "checkpoints/step-00000003/model.pt", weights_only=True)
     assert set(a["module"]) == set(b["module"]) and set(a["ema"]) == set(b["ema"])
-    from diti_fast.checkpoint import load_weights
+    from diti_fast.weights import load_weights
     init, _ = load_weights(ddpm / "export" / "ema.safetensors")  # the frozen DDPM: the EMA export
     for part in ("module", "ema"):
         for k in a[part]:

@@ -64,7 +64,7 @@ def test_ddpm_then_diti_on_synthetic_shards(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "frozen DDPM from" in out.stdout
 
-    from diti_fast.export import load_export
+    from diti_fast.weights import load_export
     d, u = load_export(diti), load_export(ddpm)
     assert (d.stage, u.stage) == ("diti", "ddpm")
     assert d.config["diti"]["mode"] == "stop_grad" and d.config["data"]["image_size"] == 32

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diti_fast import ckpt
-from diti_fast.train import NonFiniteLoss, train
-from diti_fast.train_config import apply_overrides, build_config
+from diti_fast.engine import checkpoints as ckpt
+from diti_fast.engine.loop import NonFiniteLoss, train
+from diti_fast.engine.config import apply_overrides, build_config
 
 TINY = {
     "model": {
@@ -74,7 +74,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_diti_loss(tmp_path, ddpm_export)
     train(tiny(tmp_path, f"init.ddpm={ddpm_export}", "run.max_images=120", "optim.lr=2e-3"))
     first, last = _window_means(tmp_path, 5)
     assert last < 0.8 * first, (first, last)
-    from diti_fast.export import load_export
+    from diti_fast.weights import load_export
     ex = load_export(tmp_path)
     assert ex.stage == "diti" and ex.encoder is not None and ex.config["diti"]["mode"] == "base"
 

@@ -16,8 +16,8 @@ _LAZY = {
     "BatchLoader": ".loader",
     "eval_loader": ".loader",
     "train_loader": ".loader",
-    "ShardSpec": ".shards",
-    "to_model_input": ".device",
+    "ShardSpec": ".shard_spec",
+    "to_model_input": ".model_input",
 }
 
 __all__ = [

@@ -82,9 +82,3 @@ def decode_image(data: bytes, fmt: str, size: int, channels: int = 3) -> np.ndar
 
 def encode_attrs(values: np.ndarray) -> bytes:
     return np.asarray(values, dtype="<f4").tobytes()
-
-
-def decode_attrs(data: bytes, count: int) -> np.ndarray:
-    if len(data) != 4 * count:
-        raise DecodeError(f"attribute vector has {len(data)} bytes, expected {4 * count}")
-    return np.frombuffer(data, dtype="<f4")

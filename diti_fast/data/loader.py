@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import DataError, DataWarning
-from .evalset import EvalPass, num_rank_batches
-from .shards import ShardSpec
-from .stats import SkipStats
-from .train import TrainStream, read_amplification
+from .eval_pass import EvalPass, num_rank_batches
+from .shard_spec import ShardSpec
+from .skip_stats import SkipStats
+from .train_stream import TrainStream, read_amplification
 
 DEFAULT_STREAMS = 8
 

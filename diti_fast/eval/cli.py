@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ..weights import CheckpointError
 from ..config import ConfigError
 from .features import EvalError
 

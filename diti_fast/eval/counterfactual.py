@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import make_schedule
-from ..export import Exported
+from ..weights import Exported
 from ..masks import TimestepMasks
 from ..sampling import masked_ddim
 from .features import EvalError

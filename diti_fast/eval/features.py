@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError
-from ..export import EXPORT_NAME, Exported, export_path, load_export
+from ..weights import CheckpointError, EXPORT_NAME, Exported, export_path, load_export
 
 
 class EvalError(ValueError):

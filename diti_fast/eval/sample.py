@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..diffusion import make_schedule
-from ..export import Exported
+from ..weights import Exported
 from ..nn.unet import UNet
 from ..sampling import ddim_sample
 

@@ -27,7 +27,7 @@ def norm_act(gn: nn.GroupNorm, x: torch.Tensor, scale=None, shift=None, z_scale=
              act: bool = True, fused: bool = False) -> torch.Tensor:
     """act((1 + z_scale)·(GN(x)·(1 + scale) + shift) + z_shift), modulations [B, C]."""
     if fused:
-        from diti_fast.kernels.adaptive_group_norm import adaptive_group_norm
+        from diti_fast.kernels.fused_norm import adaptive_group_norm
         return adaptive_group_norm(x, gn.num_groups, gn.weight, gn.bias, scale=scale, shift=shift,
                                    z_scale=z_scale, z_shift=z_shift, eps=gn.eps,
                                    act="silu" if act else None)

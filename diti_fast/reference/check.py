@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, diff_state, load_state
+from ..weights import CheckpointError, diff_state, load_state
 from ..config import FastConfig, model_config_from_original
 from ..diffusion import make_schedule, q_sample
 from ..losses import conditioning, shift_loss, weighted_shift_loss_ref

@@ -18,7 +18,7 @@ from ..diffusion import make_schedule, q_sample
 from ..losses import conditioning, weighted_shift_loss_ref
 from ..masks import TimestepMasks
 from ..nn import build_decoder, build_encoder, build_unet
-from ..checkpoint import diff_state
+from ..weights import diff_state
 from ..sampling import masked_ddim
 
 DEFAULT_UNET = dict(input_channel=3, base_channel=32, channel_multiplier=[1, 2, 2], num_residual_blocks_of_a_block=2,

@@ -1,7 +1,7 @@
 """Does fusing DiTi's latent mask z ⊙ m_t into the latent projection pay? (CPU-runnable)
 
-    python benchmarks/bench_masked_latent.py            # prints the comparison table
-    pytest benchmarks/bench_masked_latent.py --benchmark-enable --benchmark-only
+    python benchmarks/bench_latent_mask.py            # prints the comparison table
+    pytest benchmarks/bench_latent_mask.py --benchmark-enable --benchmark-only
 
 The latent projection is ``Linear(512, 4C)`` applied to z ⊙ m_t, once per step, at batch 64. A fused
 masked GEMV could skip the mask multiply and the masked-off columns; the most it can save is the
@@ -11,7 +11,7 @@ celeba64 UNet step runs dozens.
 
 Variants of the projection:
 * ``table``: the original, ``z * masks[idx]`` (a [k, 512] table gather) then ``F.linear``;
-* ``arange``: :func:`masked_latent_projection`, mask from ``arange(D) < end_dims[:, None]``;
+* ``arange``: ``F.linear(z * masks.prefix_mask(end_dims, D))``, mask from ``arange(D) < end_dims[:, None]``;
 * ``nomask``: ``F.linear(z, W, b)``, the lower bound any fused kernel could reach.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diti_fast.kernels.adaptive_group_norm import adaptive_group_norm_ref
-from diti_fast.kernels.masked_latent import masked_latent_projection
+from diti_fast.kernels.fused_norm import adaptive_group_norm_ref
+from diti_fast.masks import prefix_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, D, K, BASE_C = 64, 512, 64, 128
@@ -41,7 +41,7 @@ def _projection_case(variant: str):
     if variant == "table":
         return lambda: F.linear(z * masks[idx], w, b)
     if variant == "arange":
-        return lambda: masked_latent_projection(z, end_dims, w, b)
+        return lambda: F.linear(z * prefix_mask(end_dims, D), w, b)
     return lambda: F.linear(z, w, b)
 
 

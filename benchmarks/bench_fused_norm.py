@@ -1,6 +1,6 @@
 """Adaptive GroupNorm + SiLU: eager composite vs torch.compile(composite) vs the fused Triton op.
 
-    pytest benchmarks/bench_adaptive_group_norm.py --benchmark-enable --benchmark-only -s \
+    pytest benchmarks/bench_fused_norm.py --benchmark-enable --benchmark-only -s \
         --benchmark-json=benchmarks/results/adaptive_group_norm-<device>-<date>.json
 
 CUDA only: on CPU the Triton kernel runs under the interpreter, whose timings measure Python, so
@@ -39,7 +39,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # the kernel module must see this before import (nothing here runs on CPU anyway)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from diti_fast.kernels.adaptive_group_norm import (  # noqa: E402
+from diti_fast.kernels.fused_norm import (  # noqa: E402
     adaptive_group_norm_ref,
     adaptive_group_norm_triton,
 )

@@ -16,8 +16,8 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .codec import ATTRS_EXT, IMAGE_EXT
 from .errors import CorruptSampleError
-from .stats import SkipStats
-from .tarstream import BLOCK, TarFormatError, checksum_ok, iter_members, looks_compressed
+from .skip_stats import SkipStats
+from .tar_members import BLOCK, TarFormatError, iter_members, looks_compressed, seek_to_sample
 
 _LOCAL_BUFFER = 1 << 20  # fewer syscalls than the 8 KiB default when streaming local tars
 
@@ -36,7 +36,7 @@ def open_shard(url: str):
 def iter_shard(url: str, stats: SkipStats, skip: int = 0, limit: int | None = None) -> Iterator[dict]:
     """Samples of one shard in storage order, the first ``skip`` passed over without decoding.
 
-    Plain tars are parsed by ``tarstream`` (fast); compressed ones by webdataset's
+    Plain tars are parsed by ``tar_members`` (fast); compressed ones by webdataset's
     ``tar_file_iterator``. Members are grouped into samples by webdataset's ``group_by_keys``.
     An unreadable or truncated shard is counted once in ``stats`` (reason ``bad_shard``) and
     ends early, keeping the samples read before the damage; strict mode raises instead.
@@ -119,40 +119,6 @@ def split_key(fname: str) -> tuple[str | None, str | None]:
     if dot <= slash:
         return None, None
     return fname[:dot], fname[dot + 1:]
-
-
-def seek_to_sample(f, n: int) -> bool:
-    """Position ``f`` at the first header of sample ``n`` by reading headers only.
-
-    Parsing a plain ustar header ourselves and seeking over the data is ~20x cheaper than
-    tarfile's full header decoding; this is what makes random start offsets and resume skips
-    cheap. Returns False on anything but plain regular-file headers (pax, GNU long names, ...).
-    """
-    count, last = 0, None
-    while True:
-        pos = f.tell()
-        hdr = f.read(512)
-        if len(hdr) < 512 or not hdr.strip(b"\0"):
-            f.seek(pos)
-            return True  # end of archive: the shard has fewer samples; the reader sees none
-        if hdr[156:157] not in (b"0", b"\0") or hdr[124] & 0x80 or not checksum_ok(hdr):
-            return False
-        name = hdr[0:100].split(b"\0", 1)[0]
-        prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:262] == b"ustar" else b""
-        if prefix:
-            name = prefix + b"/" + name
-        base = name.rsplit(b"/", 1)[-1]
-        key = name[: len(name) - len(base)] + base.split(b".", 1)[0]
-        if key != last:
-            if count == n:
-                f.seek(pos)
-                return True
-            count, last = count + 1, key
-        try:
-            size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            return False
-        f.seek(pos + 512 + (size + 511) // 512 * 512)
 
 
 def check_sample(sample: dict, image_format: str, num_attrs: int, image_bytes: int | None, stats: SkipStats) -> bool:

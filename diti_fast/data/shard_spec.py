@@ -15,8 +15,8 @@ from webdataset.shardlists import expand_urls
 from .codec import ATTRS_EXT, IMAGE_EXT
 from .errors import DataError
 from .manifest import MANIFEST_NAME, read_manifest
-from .stats import SkipStats
-from .tario import count_samples, is_local, iter_shard
+from .skip_stats import SkipStats
+from .shard_reader import count_samples, is_local, iter_shard
 
 
 @dataclass

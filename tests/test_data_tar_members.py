@@ -8,9 +8,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from diti_fast.data.stats import SkipStats
-from diti_fast.data.tario import iter_shard, seek_to_sample
-from diti_fast.data.tarstream import TarFormatError, iter_members
+from diti_fast.data.skip_stats import SkipStats
+from diti_fast.data.shard_reader import iter_shard
+from diti_fast.data.tar_members import seek_to_sample
+from diti_fast.data.tar_members import TarFormatError, iter_members
 
 
 def _archive(fmt, members):

@@ -7,7 +7,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from diti_fast.train_config import TrainConfig
+from diti_fast.engine.config import TrainConfig
 
 
 def _free_port() -> int:

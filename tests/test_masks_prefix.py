@@ -1,10 +1,13 @@
-"""masked_latent (arange-compare mask) against the original's [k, D] table gather."""
+"""The hot path's prefix mask (an arange compare on per-sample end dims) against the original's
+[k, D] mask table gathered by chunk index, written out element by element."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diti_fast.kernels.masked_latent import latent_prefix_mask, masked_latent, masked_latent_projection
+import torch.nn.functional as F
+
+from diti_fast.masks import prefix_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -28,14 +31,14 @@ def test_matches_table_gather(dtype):
     z = torch.randn(B, D, generator=g).to(DEVICE, dtype)
     end_dims = torch.tensor(ends)[idx].to(DEVICE)
     expected = z * masks[idx].to(DEVICE, dtype)
-    got = masked_latent(z, end_dims)
+    got = z * prefix_mask(end_dims, D, dtype)
     assert got.dtype == dtype
     assert torch.equal(got, expected)
 
 
 def test_nonfinite_values_are_masked_like_the_original():
     z = torch.tensor([[1.0, float("inf"), float("nan")]], device=DEVICE)
-    got = masked_latent(z, torch.tensor([1], device=DEVICE))
+    got = z * prefix_mask(torch.tensor([1], device=DEVICE), 3)
     torch.testing.assert_close(got, z * torch.tensor([[1.0, 0.0, 0.0]], device=DEVICE), equal_nan=True)
 
 
@@ -47,23 +50,12 @@ def test_projection_and_gradient():
     b = torch.randn(out, generator=g, dtype=torch.float64).to(DEVICE)
     end_dims = torch.tensor([0, 1, 5, 9, 15, 16], device=DEVICE)
     mask = table(end_dims.tolist(), D).to(DEVICE, torch.float64)
-    y = masked_latent_projection(z, end_dims, w, b)
+    y = F.linear(z * prefix_mask(end_dims, D, z.dtype), w, b)
     torch.testing.assert_close(y, (z * mask) @ w.T + b)
     (dz,) = torch.autograd.grad(y.sum(), [z])
     torch.testing.assert_close(dz, mask * w.sum(0))
 
 
 def test_mask_helper():
-    m = latent_prefix_mask(torch.tensor([0, 2, 4]), 4, torch.float32)
+    m = prefix_mask(torch.tensor([0, 2, 4]), 4, torch.float32)
     assert torch.equal(m, table([0, 2, 4], 4))
-
-
-@pytest.mark.parametrize("z,ends,match", [
-    (torch.zeros(2, 3, 4), torch.tensor([1, 2]), r"\[B, D\]"),
-    (torch.zeros(2, 4), torch.tensor([1, 2, 3]), "prefix lengths"),
-    (torch.zeros(2, 4), torch.tensor([1.0, 2.0]), "integer"),
-    (torch.zeros(2, 4, dtype=torch.int64), torch.tensor([1, 2]), "floating"),
-])
-def test_bad_input(z, ends, match):
-    with pytest.raises(ValueError, match=match):
-        masked_latent(z, ends)

@@ -1,19 +1,30 @@
-"""Loading the original's checkpoints and our own weights, with errors that name the keys.
+"""Every way weights enter or leave a model, with errors that name the keys.
 
-Formats understood by :func:`load_original`:
-* a pre-trained DDPM from the original code: ``{"ema_denoise_fn": unet_state, ...}``
-  (also ``denoise_fn``); it fills the frozen part of a ShiftUNet or a plain UNet;
-* a full DiTi/PDAE run: ``{"encoder", "decoder", "ema_encoder", "ema_decoder", ...}``.
-Our own exported weights are safetensors files (``save_weights`` / ``load_weights``) with the resolved
-config stored as JSON in the file's metadata.
+* The original code's checkpoints (``torch.load(weights_only=True)``): a pre-trained DDPM
+  ``{"ema_denoise_fn": unet_state, ...}`` (also ``denoise_fn``), which fills a plain UNet or the frozen
+  part of a ShiftUNet; a full DiTi/PDAE run ``{"encoder", "decoder", "ema_encoder", "ema_decoder", ...}``.
+* Our exports: one safetensors file per run stage with the resolved config in its metadata
+  (``RUN/export/ema.safetensors``; layout below). :func:`read_weights` is the one safetensors reader.
+* Our training checkpoints' model part goes through :func:`load_state` (``engine/checkpoints.py``
+  holds the rest of the training state).
+
+Export layout (written by the engine, read by evaluation and sampling):
+* tensors ``unet.*`` (stage ddpm) or ``encoder.*`` + ``decoder.*`` (stage diti; the decoder holds the
+  whole ShiftUNet, frozen DDPM included, so the file is self-contained);
+* metadata ``config``: the resolved run config as JSON, with at least ``stage`` and ``model``
+  (a :class:`~diti_fast.config.ModelConfig` as a dict).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from .config import ConfigError, FastConfig, ModelConfig, from_dict, to_dict
+from .nn import Encoder, ShiftUNet, UNet, build_decoder, build_encoder, build_unet
 
 
 class CheckpointError(ValueError):
@@ -106,19 +117,21 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], config: dic
     tmp.replace(path)
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def load_weights(path: str | Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(tensors, config from the metadata or None): the one safetensors reader. ``tensors=False``
+    reads the header only (an empty dict comes back), e.g. to check a config before any work."""
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
             meta = f.metadata() or {}
+        cfg = json.loads(meta["config"]) if "config" in meta else None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    cfg = json.loads(meta["config"]) if "config" in meta else None
-    return tensors, cfg
+    return out, cfg
 
 
 def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -128,3 +141,65 @@ def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 
 def join_prefixed(**parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for name, sd in parts.items() for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------- exports
+
+EXPORT_NAME = "ema.safetensors"
+
+
+def export_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "export" / EXPORT_NAME
+
+
+def save_export(path: str | Path, stage: str, model_cfg: ModelConfig, run_config: dict | None = None,
+                **parts: nn.Module | dict[str, torch.Tensor]) -> Path:
+    """``parts``: unet=... (ddpm) or encoder=..., decoder=... (diti), each a module or a state dict
+    (the engine passes its EMA state dicts: no model is built just to be saved)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = dict(run_config or {})
+    config.update(stage=stage, model=to_dict(model_cfg))
+    states = {k: m.state_dict() if isinstance(m, nn.Module) else m for k, m in parts.items()}
+    save_weights(path, join_prefixed(**states), config)
+    return path
+
+
+@dataclass
+class Exported:
+    stage: str
+    model_cfg: ModelConfig
+    config: dict
+    unet: UNet | None = None
+    encoder: Encoder | None = None
+    decoder: ShiftUNet | None = None
+
+
+def load_export(path: str | Path, fast: FastConfig | None = None, device="cpu") -> Exported:
+    """Rebuild the models of an export (a file, or a run directory holding export/ema.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = export_path(path)
+    tensors, config = load_weights(path)
+    if not config or "model" not in config or "stage" not in config:
+        raise CheckpointError(f"{path}: no resolved config (stage, model) in the file's metadata; "
+                              "was it written by diti_fast's export?")
+    try:
+        model_cfg = from_dict(ModelConfig, config["model"], f"{path} [metadata model]")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    out = Exported(config["stage"], model_cfg, config)
+    if config["stage"] == "ddpm":
+        out.unet = build_unet(model_cfg, fast).to(device)
+        load_state(out.unet, split_prefixed(tensors, "unet"), f"{path} [unet]")
+        out.unet.eval()
+    elif config["stage"] == "diti":
+        out.encoder = build_encoder(model_cfg, fast).to(device)
+        out.decoder = build_decoder(model_cfg, fast).to(device)
+        load_state(out.encoder, split_prefixed(tensors, "encoder"), f"{path} [encoder]")
+        load_state(out.decoder, split_prefixed(tensors, "decoder"), f"{path} [decoder]")
+        out.encoder.eval()
+        out.decoder.eval()
+    else:
+        raise CheckpointError(f"{path}: unknown stage {config['stage']!r} in metadata")
+    return out

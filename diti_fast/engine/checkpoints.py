@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic, per rank, weights-only loadable, the last K kept; signal handling.
+"""Training checkpoints: atomic, per rank, weights-only loadable, the last K kept.
 
 Layout of one checkpoint (``RUN/checkpoints/step-00001234/``)::
 
@@ -22,11 +22,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import torch
+
+from diti_fast.weights import load_state
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
@@ -179,27 +180,46 @@ def check_compatible(meta: dict, ckpt: Path, *, world_size: int, zero_stage: int
                           "or set checkpoint.resume=false / a new run.dir to start afresh)")
 
 
-# --------------------------------------------------------------------------- signals
+def checkpoint_step(path: Path | None) -> int | None:
+    m = STEP_DIR.match(path.name) if path is not None else None
+    return int(m.group(1)) if m else None
 
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop polls; a second SIGINT interrupts at once."""
 
-    def __init__(self, enabled: bool = True):
-        self.pending: int | None = None
-        self._previous = {}
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                try:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread: leave the default behaviour
-                    pass
+# --------------------------------------------------------------------------- the engine's state
 
-    def _handle(self, signum, frame):
-        if self.pending is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.pending = signum
 
-    def close(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous = {}
+def save_checkpoint(cfg, run_dir: Path, engine, ema, data, step: int, rank: int, world: int) -> Path:
+    """The whole training state at ``step`` (collective): model + EMA on rank 0, optimiser/RNG/data per rank."""
+    model_state = None
+    if rank == 0:
+        model_state = {"module": engine.module.state_dict(), "ema": ema.state_dict()}
+    rank_state = {"optimizer": weights_only_part(engine.optimizer.state_dict()),
+                  "rng": rng_state(), "data": dict(data.position), "step": step}
+    meta = {"images": step * cfg.data.batch_size, "zero_stage": cfg.deepspeed.zero_stage,
+            "stage": cfg.stage}
+    return save(run_dir / "checkpoints", step, rank=rank, world_size=world, barrier=torch.distributed.barrier,
+                     model_state=model_state, rank_state=rank_state, meta=meta, keep=cfg.checkpoint.keep)
+
+
+def load_checkpoint(cfg, path: Path, engine, ema, rank: int, world: int) -> tuple[int, dict]:
+    """Restore what :func:`save_checkpoint` wrote; returns (step, data position)."""
+    meta = read_meta(path)
+    check_compatible(meta, path, world_size=world, zero_stage=cfg.deepspeed.zero_stage, stage=cfg.stage)
+    model = load_file(path / "model.pt")
+    load_state(engine.module, model["module"], f"{path}/model.pt [module]")
+    ema.load_state_dict(model["ema"], f"{path}/model.pt [ema]")
+    mine = load_file(path / f"rank-{rank:05d}.pt")
+    if cfg.deepspeed.zero_stage == 0:
+        engine.optimizer.load_state_dict(mine["optimizer"])
+    else:
+        # Fill the entries dropped at save time (Python objects) from the live optimiser.
+        state = engine.optimizer.state_dict()
+        state.update(mine["optimizer"])
+        engine.optimizer.load_state_dict([state] * world, load_optimizer_states=True,
+                                         load_from_fp32_weights=True)
+    set_rng_state(mine["rng"])
+    step = int(meta["step"])
+    engine.global_steps = step
+    engine.global_samples = step * cfg.data.batch_size
+    engine.micro_steps = step * cfg.deepspeed.grad_accum
+    return step, mine["data"]

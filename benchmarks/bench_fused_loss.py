@@ -1,6 +1,6 @@
 """DiTi loss forward+backward: fused Triton kernel vs eager vs torch.compile (pytest-benchmark).
 
-    pytest benchmarks/bench_diti_loss.py --benchmark-enable --benchmark-only -s
+    pytest benchmarks/bench_fused_loss.py --benchmark-enable --benchmark-only -s
 
 Variants (all produce the loss and dL/dg; the first three also per-sample losses and bucket sums):
 
@@ -33,7 +33,7 @@ if not CUDA:  # the kernel module must see this before its import; the triton va
 
 from diti_fast.config import DiffusionConfig  # noqa: E402
 from diti_fast.diffusion import make_schedule  # noqa: E402
-from diti_fast.kernels.diti_loss import diti_loss, diti_loss_ref  # noqa: E402
+from diti_fast.kernels.fused_loss import diti_loss, diti_loss_ref  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = {"64px": (128, 3, 64, 64), "128px": (128, 3, 128, 128)}

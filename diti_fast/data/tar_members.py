@@ -5,7 +5,7 @@ every header; with two members per sample that alone caps a worker at a few thou
 images per second. This reader handles what shard writers produce — ustar/GNU/pax headers,
 long names, regular files — with one checksum and two integer fields per header, and yields the
 same ``{fname, data}`` records webdataset's ``group_by_keys`` consumes. Compressed archives are
-not its job: ``tario`` hands those to webdataset's ``tarfile``-based iterator.
+not its job: ``shard_reader`` hands those to webdataset's ``tarfile``-based iterator.
 """
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ def checksum_ok(hdr: bytes) -> bool:
     # Some old writers summed signed chars.
     high = sum(1 for b in hdr if b >= 128) - sum(1 for b in hdr[148:156] if b >= 128)
     return stored == total - 256 * high
+
+
+def _header_name(hdr: bytes) -> bytes:
+    name = hdr[:100].split(b"\0", 1)[0]
+    if hdr[257:262] == b"ustar" and hdr[345] != 0:
+        name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -93,10 +100,7 @@ def iter_members(read, head: bytes = b"", url: str | None = None):
             elif "path" in pax:
                 name = pax["path"]
             else:
-                name = hdr[:100].split(b"\0", 1)[0]
-                if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                    name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
-                name = name.decode("utf-8", "surrogateescape")
+                name = _header_name(hdr).decode("utf-8", "surrogateescape")
             long_name, pax = None, {}
             base = name[name.rfind("/") + 1:]
             if not (base.startswith("__") and base.endswith("__")):
@@ -110,3 +114,35 @@ def iter_members(read, head: bytes = b"", url: str | None = None):
                 raise TarFormatError(f"malformed pax header ({exc})") from None
         else:  # directories, links, global pax headers, ...: nothing to yield
             long_name, pax = None, {}
+
+
+def seek_to_sample(f, n: int) -> bool:
+    """Position the seekable stream ``f`` at the first header of sample ``n``, reading headers only.
+
+    Seeking over member data instead of reading it is what makes random start offsets and resume
+    skips cheap. Returns False on anything but plain regular-file headers (pax, GNU long names,
+    ...): the caller then reads past the samples instead. Past the last sample it stops at the
+    end of the archive (the reader then sees no samples).
+    """
+    count, last = 0, None
+    while True:
+        pos = f.tell()
+        hdr = f.read(BLOCK)
+        if len(hdr) < BLOCK or hdr.count(0) == BLOCK:
+            f.seek(pos)
+            return True
+        try:
+            if hdr[156] not in (ord("0"), 0) or hdr[124] & 0x80 or not checksum_ok(hdr):
+                return False
+            size = _number(hdr[124:136])
+        except ValueError:
+            return False
+        name = _header_name(hdr)
+        base = name.rsplit(b"/", 1)[-1]
+        key = name[: len(name) - len(base)] + base.split(b".", 1)[0]
+        if key != last:
+            if count == n:
+                f.seek(pos)
+                return True
+            count, last = count + 1, key
+        f.seek(pos + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK)

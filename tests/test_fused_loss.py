@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from diti_fast.config import DiffusionConfig  # noqa: E402
 from diti_fast.diffusion import make_schedule  # noqa: E402
 from diti_fast.kernels._common import use_triton  # noqa: E402
-from diti_fast.kernels.diti_loss import ddpm_loss, diti_loss, diti_loss_ref  # noqa: E402
+from diti_fast.kernels.fused_loss import ddpm_loss, diti_loss, diti_loss_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T = 1000
@@ -183,7 +183,7 @@ def test_reference_path_agrees_with_kernel():
 def test_custom_op_eager_autograd_matches_fast_path():
     # Eager calls go through an autograd.Function; the custom op (what torch.compile sees) must
     # give the same outputs and gradient through its registered autograd.
-    from diti_fast.kernels.diti_loss import _diti_loss_fwd
+    from diti_fast.kernels.fused_loss import _diti_loss_fwd
     eps, eps_hat, g, t = make_inputs((3, 2, 7), torch.float32, seed=13)
     g2 = g.detach().clone().requires_grad_()
     out = diti_loss(eps, eps_hat, g, t, SCHED.shift_coef, SCHED.weight)
@@ -214,7 +214,7 @@ def test_unchecked_out_of_range_t_gives_nan_not_a_wild_read():
 
 @needs_kernel
 def test_custom_op_passes_opcheck():
-    from diti_fast.kernels.diti_loss import _diti_loss_fwd
+    from diti_fast.kernels.fused_loss import _diti_loss_fwd
     eps, eps_hat, g, t = make_inputs((2, 3, 4), torch.float32, seed=9)
     torch.library.opcheck(_diti_loss_fwd, (eps, eps_hat, g.detach(), t, SCHED.shift_coef, SCHED.weight,
                                            10, T, True, True),
@@ -282,7 +282,7 @@ _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import diti_fast.kernels.diti_loss as D
+import diti_fast.kernels.fused_loss as D
 
 def build(fn, sig, **constexprs):
     ce = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .codec import ATTRS_EXT, IMAGE_EXT, DecodeError, decode_image_into, key_index
-from .shards import ShardSpec
-from .stats import SkipStats
+from .shard_spec import ShardSpec
+from .skip_stats import SkipStats
 
 
 class BatchAssembler:

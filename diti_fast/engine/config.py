@@ -13,17 +13,15 @@ the file); mappings merge key by key, everything else is replaced.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
-from .config import ConfigError, FastConfig, ModelConfig, from_dict, load_yaml, to_dict
-from .losses import MODES
-from .nn.encoder import ENCODER_SPECS
+from ..config import ConfigError, FastConfig, ModelConfig, from_dict, load_yaml, to_dict
+from ..losses import MODES
+from ..nn.encoder import ENCODER_SPECS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIRS = (REPO_ROOT / "configs", Path(__file__).resolve().parent / "presets")
@@ -392,16 +390,3 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
         if a.get(k) != b.get(k):
             diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return diffs
-
-
-def field_names(cls=TrainConfig, prefix: str = "") -> list[str]:
-    """All dotted field names (for docs and error hints)."""
-    names = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            names += field_names(tp, f"{prefix}{f.name}.")
-        else:
-            names.append(f"{prefix}{f.name}")
-    return names

@@ -15,10 +15,10 @@ from itertools import accumulate
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .batching import BatchAssembler
-from .shards import ShardSpec
-from .stats import SkipStats
-from .tario import check_sample, iter_shard
+from .assembler import BatchAssembler
+from .shard_spec import ShardSpec
+from .skip_stats import SkipStats
+from .shard_reader import check_sample, iter_shard
 
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:

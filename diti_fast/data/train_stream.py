@@ -22,11 +22,11 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .batching import BatchAssembler
+from .assembler import BatchAssembler
 from .errors import DataError
-from .shards import ShardSpec
-from .stats import SkipStats
-from .tario import check_sample, iter_shard
+from .shard_spec import ShardSpec
+from .skip_stats import SkipStats
+from .shard_reader import check_sample, iter_shard
 
 _STREAM_TAG = 0x7D17  # separates these seeds from any other use of the same user seed
 _UNIFORM_BLOCK = 4096

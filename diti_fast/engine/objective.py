@@ -7,25 +7,24 @@ autocast when asked, and returns (loss, per-sample loss, t).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from diti_fast import noise
-from diti_fast.checkpoint import load_original_ddpm, load_state, load_weights, split_prefixed
 from diti_fast.config import ConfigError, to_dict
 from diti_fast.diffusion import make_schedule
-from diti_fast.export import export_path
+from diti_fast.engine import noise
+from diti_fast.engine.config import TrainConfig
 from diti_fast.losses import ddpm_loss, diti_loss
 from diti_fast.masks import TimestepMasks
 from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet
-from diti_fast.train_config import TrainConfig
+from diti_fast.weights import (CheckpointError, export_path, load_original_ddpm, load_state, load_weights,
+                               split_prefixed)
 
 
 class Objective(nn.Module):
-    """What DeepSpeed wraps: the models plus the loss, forward(x0, global_index) -> (loss, per_sample, t).
+    """What DeepSpeed wraps: the models plus the loss, forward(x0, global_index) -> (LossOut, t).
 
     t and ε are drawn inside forward from (seed, global sample index), so with torch.compile they
     fuse into the same graph as the loss.
@@ -34,7 +33,7 @@ class Objective(nn.Module):
     def __init__(self, cfg: TrainConfig, device: torch.device, autocast: bool):
         super().__init__()
         self.stage, self.seed, self.mode = cfg.stage, cfg.run.seed, cfg.diti.mode
-        self.fused_loss = cfg.fast.fused_loss
+        self.fused_loss, self.t_buckets = cfg.fast.fused_loss, cfg.log.t_buckets
         self.device_type, self.autocast = device.type, autocast
         self.sched = make_schedule(cfg.model.diffusion, device)
         if cfg.stage == "ddpm":
@@ -54,11 +53,11 @@ class Objective(nn.Module):
                else contextlib.nullcontext())
         with ctx:
             if self.stage == "ddpm":
-                out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss)
+                out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss, self.t_buckets)
             else:
                 out = diti_loss(self.encoder, self.decoder, x0, t, eps, self.sched, self.masks,
-                                self.mode, self.fused_loss)
-        return out.loss, out.per_sample, t
+                                self.mode, self.fused_loss, num_buckets=self.t_buckets)
+        return out, t
 
 
 def _init_ddpm_path(cfg: TrainConfig) -> Path:
@@ -76,12 +75,10 @@ def check_init_ddpm(cfg: TrainConfig) -> Path:
     path = _init_ddpm_path(cfg)
     if path.suffix != ".safetensors":
         return path  # the original's format holds no config: its keys/shapes are checked on load
-    from safetensors import safe_open
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("config", "null"))
-    except Exception as e:
-        raise ConfigError(f"init.ddpm={path}: not a readable safetensors export ({e})") from None
+        _, meta = load_weights(path, tensors=False)
+    except CheckpointError as e:
+        raise ConfigError(f"init.ddpm={e}") from None
     if not isinstance(meta, dict) or meta.get("stage") != "ddpm" or "model" not in meta:
         raise ConfigError(f"init.ddpm={path}: not a ddpm-stage export of this engine (metadata stage="
                           f"{(meta or {}).get('stage') if isinstance(meta, dict) else None!r})")

@@ -25,15 +25,24 @@ class Meter:
         self.buf = torch.zeros(5 + 2 * num_buckets, dtype=torch.float64, device=device)
         self.consecutive = torch.zeros((), dtype=torch.float64, device=device)  # survives resets
 
-    def add_samples(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
-        """Per-sample losses (finite or not) of one micro-batch."""
+    def add_samples(self, per_sample: torch.Tensor, t: torch.Tensor,
+                    buckets: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Per-sample losses (finite or not) of one micro-batch. ``buckets``: the fused loss kernel's
+        per-t-bucket (sums, counts) from the same pass, used instead of recomputing them here; a
+        bucket whose sum is not finite is left out whole (the kernel does not say which sample)."""
         ps = per_sample.detach().to(torch.float64)
         finite = torch.isfinite(ps)
         ps = torch.where(finite, ps, torch.zeros_like(ps))  # a NaN step must not poison the averages
-        b = (t.long() * self.num_buckets) // self.timesteps
         nb = self.num_buckets
         self.buf[0] += ps.sum()
         self.buf[1] += finite.sum()
+        if buckets is not None:
+            bsum, bcount = (b.detach().to(torch.float64) for b in buckets)
+            ok = torch.isfinite(bsum)
+            self.buf[5:5 + nb] += torch.where(ok, bsum, 0.0)
+            self.buf[5 + nb:] += torch.where(ok, bcount, 0.0)
+            return
+        b = (t.long() * nb) // self.timesteps
         self.buf[5:5 + nb].index_add_(0, b, ps)
         self.buf[5 + nb:].index_add_(0, b, finite.to(torch.float64))
 

@@ -18,9 +18,9 @@ if not torch.cuda.is_available():  # must precede the kernel module's import
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import diti_fast.kernels.adaptive_group_norm as agn  # noqa: E402
+import diti_fast.kernels.fused_norm as agn  # noqa: E402
 from diti_fast.kernels._common import use_triton  # noqa: E402
-from diti_fast.kernels.adaptive_group_norm import adaptive_group_norm, adaptive_group_norm_ref  # noqa: E402
+from diti_fast.kernels.fused_norm import adaptive_group_norm, adaptive_group_norm_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
@@ -391,7 +391,7 @@ _SM90_COMPILE = textwrap.dedent('''
             def get_active_torch_device(self): return torch.device("cpu")
 
         driver.set_active(FakeDriver())
-        import diti_fast.kernels.adaptive_group_norm as agn
+        import diti_fast.kernels.fused_norm as agn
         real = {n: getattr(agn, n) for n in ("_agn_fwd_kernel", "_agn_bwd_kernel")}
         assert all(hasattr(k, "run") for k in real.values())
     except Exception as e:

@@ -18,7 +18,7 @@ import numpy as np
 
 from diti_fast.data.errors import DataFormatError
 
-from .errors import MissingFileError
+from diti_fast.data.errors import MissingFileError
 from .images import load_rgb, resize_square
 from .tarwrite import Sample, Skipped
 

@@ -19,7 +19,7 @@ import numpy as np
 from diti_fast.data.errors import DataFormatError
 from diti_fast.data.manifest import ATTRIBUTE_KINDS
 
-from .errors import MissingFileError
+from diti_fast.data.errors import MissingFileError
 
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "-1", "false", "no", "n", "f"}

@@ -14,7 +14,7 @@ import numpy as np
 from diti_fast.data.errors import DataError
 
 from .csvattrs import read_attribute_csv
-from .errors import MissingFileError
+from diti_fast.data.errors import MissingFileError
 from .images import IMAGE_SUFFIXES, center_square, load_rgb, resize_square
 from .tarwrite import Sample, Skipped
 

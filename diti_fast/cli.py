@@ -4,7 +4,7 @@
     diti-fast data make --source synthetic --num 10000 --out data/syn   (= python -m data_shards ...)
     diti-fast check FIXTURE.pt                            (= python -m diti_fast.reference.check ...)
     diti-fast demo                                        (= python -m diti_fast.demo, what `make demo` runs)
-    diti-fast eval ... / diti-fast sample ...             (when diti_fast.eval.cli is installed)
+    diti-fast eval ... / diti-fast sample ...             (when diti_fast.eval.commands is installed)
 
 Multi-GPU launches go through a launcher and the script path, e.g.
 ``deepspeed --num_gpus 8 diti_fast/train.py --config celeba64``.
@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The evaluation engineer's commands (eval ..., sample) register themselves through this hook
     # when their module is present; an installation without it simply lacks those commands.
     try:
-        eval_cli = importlib.import_module("diti_fast.eval.cli")
+        eval_cli = importlib.import_module("diti_fast.eval.commands")
     except ModuleNotFoundError as e:
-        if e.name not in ("diti_fast.eval.cli", "diti_fast.eval"):
+        if e.name not in ("diti_fast.eval.commands", "diti_fast.eval"):
             raise
         eval_cli = None
     if eval_cli is not None and hasattr(eval_cli, "add_subcommands"):

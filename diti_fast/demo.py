@@ -52,7 +52,7 @@ def _last_loss(run: Path) -> float | None:
 def _stage(name: str, overrides: list[str], run: Path, minutes: float, fresh: bool):
     from diti_fast.weights import export_path
     from diti_fast.engine.loop import train
-    from diti_fast.engine.config import load_config
+    from diti_fast.engine.run_config import load_config
     if export_path(run).is_file() and not fresh:
         print(f"[demo] {name}: {export_path(run)} exists, skipping (--fresh to retrain)", flush=True)
         return None

@@ -11,7 +11,7 @@ from PIL import Image
 
 from diti_fast.weights import join_prefixed, save_weights
 from diti_fast.config import EncoderConfig, MaskConfig, ModelConfig, UNetConfig, to_dict
-from diti_fast.eval.cli import main
+from diti_fast.eval.commands import main
 from diti_fast.eval.features import cached_features, load_run
 from diti_fast.eval.report import ReportSettings, write_report
 from diti_fast.eval.probe import ProbeConfig

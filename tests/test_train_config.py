@@ -10,7 +10,7 @@ from diti_fast.engine import noise
 from diti_fast.config import ConfigError
 from diti_fast.engine.ema import EMA
 from diti_fast.engine.loop import main
-from diti_fast.engine.config import (PRESETS, apply_overrides, build_config, load_config, resume_conflicts,
+from diti_fast.engine.run_config import (PRESETS, apply_overrides, build_config, load_config, resume_conflicts,
                                     validate_runtime)
 
 
@@ -95,7 +95,7 @@ def test_extends_merges_sections(tmp_path):
 
 def test_resume_conflicts_ignore_length_and_logging_but_not_the_maths():
     a = build_config(apply_overrides({}, ["init.ddpm=x", "data.shards=d"]))
-    from diti_fast.engine.config import resolved_dict
+    from diti_fast.engine.run_config import resolved_dict
     b = build_config(apply_overrides({}, ["init.ddpm=x", "data.shards=d", "run.max_images=1000000",
                                           "log.every=7", "checkpoint.every=3"]))
     assert resume_conflicts(resolved_dict(a), resolved_dict(b)) == []

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from diti_fast.engine.loop import train
-from diti_fast.engine.config import apply_overrides, build_config
+from diti_fast.engine.run_config import apply_overrides, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,3 +17,7 @@ class CorruptSampleError(DataError):
 
 class DataWarning(UserWarning):
     """Recoverable data problems: skipped samples, uneven shard splits."""
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A required input file (attribute table, partition list, image folder) does not exist."""

@@ -7,7 +7,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from diti_fast.engine.config import TrainConfig
+from diti_fast.engine.run_config import TrainConfig
 
 
 def _free_port() -> int:

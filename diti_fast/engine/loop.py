@@ -16,7 +16,7 @@ DDPM, DeepSpeed, resume) and then runs the loop. Helpers in this package, one jo
 ``objective.py`` (models + loss + frozen DDPM), ``microbatches.py`` (micro-batches, resumable),
 ``distributed.py`` (process group, DeepSpeed config, optimiser), ``checkpoints.py`` (atomic
 training checkpoints), ``stopping.py`` (signals, time limit), ``ema.py``, ``metrics.py``,
-``noise.py`` (t and ε by sample index), ``config.py`` (the run config and presets). Per optimiser step:
+``noise.py`` (t and ε by sample index), ``run_config.py`` (the run config and presets). Per optimiser step:
 micro-batches -> forward/backward (t and ε keyed by global sample index) -> one all-reduced
 "loss finite" flag on the device -> optimiser step (skipped on the device when not finite) -> EMA
 -> device-side metrics; host syncs only at log / checkpoint / signal-agreement steps.
@@ -40,7 +40,7 @@ import yaml
 from diti_fast.config import ConfigError
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
-from diti_fast.engine.config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
+from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
                                      validate_runtime)
 from diti_fast.engine.distributed import base_optimizer, deepspeed_config, make_optimizer, setup_distributed
 from diti_fast.engine.ema import EMA

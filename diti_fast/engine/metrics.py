@@ -7,6 +7,7 @@ writes them to ``RUN/metrics.jsonl`` and, if the ``tensorboard`` package is inst
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import sys
@@ -86,17 +87,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Logger:
     """Rank 0 writes; other ranks hold a Logger that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, t_buckets: int, timesteps: int):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool | str, t_buckets: int, timesteps: int):
+        """``tensorboard``: True (required: the config check already made sure it is installed),
+        "auto" (when the package is installed) or False."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bucket_edges = [timesteps * i // t_buckets for i in range(t_buckets + 1)]
         self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except Exception:  # the tensorboard package is optional
-                self.tb = None
+        if enabled and tensorboard and (tensorboard is True or importlib.util.find_spec("tensorboard")):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from diti_fast.config import ConfigError
-from diti_fast.engine.config import TrainConfig
+from diti_fast.engine.run_config import TrainConfig
 
 
 def fixed_batch(cfg: TrainConfig, size: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn as nn
 from diti_fast.config import ConfigError, to_dict
 from diti_fast.diffusion import make_schedule
 from diti_fast.engine import noise
-from diti_fast.engine.config import TrainConfig
+from diti_fast.engine.run_config import TrainConfig
 from diti_fast.losses import ddpm_loss, diti_loss
 from diti_fast.masks import TimestepMasks
 from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet

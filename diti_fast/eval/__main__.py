@@ -6,6 +6,6 @@ import sys
 # shared with other processes keeps small sampler batches from slowing down several-fold.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .cli import main  # noqa: E402
+from .commands import main  # noqa: E402
 
 sys.exit(main())

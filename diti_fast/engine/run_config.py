@@ -23,9 +23,16 @@ from ..config import ConfigError, FastConfig, ModelConfig, from_dict, load_yaml,
 from ..losses import MODES
 from ..nn.encoder import ENCODER_SPECS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIRS = (REPO_ROOT / "configs", Path(__file__).resolve().parent / "presets")
-PRESETS = ("celeba64", "celeba64_original", "ffhq128", "bedroom128", "shapes32")
+
+
+def _preset_files() -> dict[str, Path]:
+    """Preset name -> file, from the package's presets (the repository's configs/ folder)."""
+    import importlib.resources
+    root = importlib.resources.files("diti_fast.presets")
+    return {Path(f.name).stem: Path(str(f)) for f in root.iterdir() if f.name.endswith(".yaml")}
+
+
+PRESETS = tuple(sorted(_preset_files()))
 
 
 @dataclass
@@ -112,7 +119,9 @@ class LogSection:
     every: int = 100               # steps between metric reductions (the only host syncs)
     t_buckets: int = 10            # loss per equal-width range of t
     progress: bool = True          # tqdm bar on rank 0
-    tensorboard: bool = True       # used when the tensorboard package is installed
+    # "auto": TensorBoard events when the tensorboard package is installed; true: required (an error
+    # before any work when it is missing); false: never.
+    tensorboard: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -258,6 +267,11 @@ def validate_runtime(cfg: TrainConfig, world_size: int, device_type: str) -> Non
         import importlib.util
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("fast.attention='xformers' needs the xformers package; use sdpa")
+    if cfg.log.tensorboard is True:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
+                              "'diti-fast[tensorboard]'); use log.tensorboard=auto to log it only when installed")
     if cfg.debug.nan_rank >= world_size:
         raise ConfigError(f"debug.nan_rank={cfg.debug.nan_rank} but there are {world_size} ranks")
 
@@ -265,11 +279,7 @@ def validate_runtime(cfg: TrainConfig, world_size: int, device_type: str) -> Non
 # --------------------------------------------------------------------------- loading
 
 def preset_path(name: str) -> Path | None:
-    for d in PRESET_DIRS:
-        p = d / f"{name}.yaml"
-        if p.is_file():
-            return p
-    return None
+    return _preset_files().get(name)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -8,6 +8,7 @@ accident: the presets must come from inside the installed package.
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -32,9 +33,14 @@ def _run(cmd, cwd, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
+    # Build from a copy of the sources: setuptools keeps a build/ folder in the source tree, and a
+    # stale one there could smuggle removed modules into the wheel.
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "runs", "data", ".cache", "*.egg-info", "__pycache__", "fixtures", "results"))
     # --no-build-isolation: the build backend (setuptools) is already here; no registry needed.
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", str(tmp / "dist"), str(REPO)], cwd=tmp)
+          "-w", str(tmp / "dist"), str(src)], cwd=tmp)
     wheels = list((tmp / "dist").glob("diti_fast-*.whl"))
     assert len(wheels) == 1, wheels
     env_dir = tmp / "venv"

@@ -3,7 +3,7 @@
     python -m diti_fast.reference.check FIXTURE.pt [--attention sdpa|math|xformers]
                                                     [--fused-norm] [--fused-loss] [--skip-ddim]
 
-The file format is described in shared/reference/README.md. The model is built from the file's own
+The file format is described in tests/fixtures/golden/README.md (a copy of shared/reference/README.md). The model is built from the file's own
 configs through the project's normal loading path (typed configs, strict state-dict loading), so the
 checker works for any file of that format. Exit status 1 when any quantity is out of tolerance.
 """
@@ -233,7 +233,7 @@ def format_table(rows: list[Row]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diti_fast.reference.check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("fixture", help="golden-tensor file (format: shared/reference/README.md)")
+    ap.add_argument("fixture", help="golden-tensor file (format: tests/fixtures/golden/README.md)")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "xformers"])
     ap.add_argument("--fused-norm", action="store_true", help="use the Triton adaptive GroupNorm kernel")
     ap.add_argument("--fused-loss", action="store_true", help="use the Triton DiTi loss kernel")

@@ -36,8 +36,9 @@ def installed(tmp_path_factory):
     # Build from a copy of the sources: setuptools keeps a build/ folder in the source tree, and a
     # stale one there could smuggle removed modules into the wheel.
     src = tmp / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "runs", "data", ".cache", "*.egg-info", "__pycache__", "fixtures", "results"))
+    skip_top = {".git", ".venv", "build", "runs", "data", ".cache", ".whl", ".gl", "tests", "benchmarks"}
+    shutil.copytree(REPO, src, ignore=lambda d, names: [
+        n for n in names if n == "__pycache__" or n.endswith(".egg-info") or (Path(d) == REPO and n in skip_top)])
     # --no-build-isolation: the build backend (setuptools) is already here; no registry needed.
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
           "-w", str(tmp / "dist"), str(src)], cwd=tmp)

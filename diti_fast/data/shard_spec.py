@@ -92,6 +92,9 @@ class ShardSpec:
                 p = Path(local_path(shards))
                 if p.is_dir() or p.suffix == ".json":
                     return cls.from_manifest(read_manifest(p))
+                if "{" not in shards and not p.exists():
+                    raise FileNotFoundError(f"{p}: not found (expected a directory holding {MANIFEST_NAME}, "
+                                            "a manifest, a shard, a brace pattern or a list of them)")
             urls = expand_urls(shards)
         else:
             urls = [str(u) for u in shards]

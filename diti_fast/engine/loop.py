@@ -228,7 +228,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                 ips = (step - step_log) * cfg.data.batch_size / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
                 record = {"step": step, "images": step * cfg.data.batch_size, **stats, "images_per_s": ips,
-                          "peak_memory_bytes": peak_memory_bytes(device), "lr": lr}
+                          "peak_memory_bytes": peak_memory_bytes(device), "lr": lr, **data.log_fields()}
                 logger.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}",

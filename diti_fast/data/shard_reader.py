@@ -54,7 +54,35 @@ def check_url(url: str) -> None:
 def open_shard(url: str):
     if is_local(url):
         return open(local_path(url), "rb", buffering=_LOCAL_BUFFER)
-    return gopen(url, "rb")  # pipe:, http(s): via curl, gs: via gsutil, ...
+    stream = gopen(url, "rb")  # pipe:, http(s): via curl, gs: via gsutil, ...
+    return _Piped(stream) if hasattr(stream, "proc") else stream
+
+
+class _Piped:
+    """The output of webdataset's child process (curl, gsutil, a pipe: command), read to its end
+    before its exit status is judged. (webdataset's own Pipe raises from ``read`` as soon as the
+    child has exited badly, dropping bytes already received: how many samples survive a broken
+    download would then depend on timing.)"""
+
+    def __init__(self, pipe):
+        self.pipe, self.status = pipe, None
+
+    def read(self, n: int = -1) -> bytes:
+        return self.pipe.stream.read(n)
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.pipe.stream.closed:
+            self.pipe.stream.close()  # a child still writing now exits (SIGPIPE / curl 23)
+            self.status = self.pipe.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def exit_reason(url: str, stream) -> str | None:
@@ -70,16 +98,10 @@ def exit_reason(url: str, stream) -> str | None:
 def _close(url: str, stream, drained: bool) -> str | None:
     """Close; returns the download's failure when the whole stream was read (an early close makes
     the writer die of SIGPIPE, which says nothing about the data)."""
-    if drained and hasattr(stream, "proc"):
-        try:
-            while stream.read(1 << 16):  # the tar's end padding; lets the child exit normally
-                pass
-        except OSError:
+    if drained and isinstance(stream, _Piped):
+        while stream.read(1 << 16):  # the tar's end padding; lets the child exit by itself
             pass
-    try:
-        stream.close()
-    except OSError:
-        pass
+    stream.close()
     return exit_reason(url, stream) if drained else None
 
 
@@ -98,6 +120,7 @@ class ShardRead:
         self.damaged = False
         self.ended = False  # the archive was read to its end (not cut off by ``limit``)
         self._stream = None
+        self._pending: str | None = None
 
     def _bad(self, detail: str) -> None:
         if not self.damaged:
@@ -107,9 +130,12 @@ class ShardRead:
     def _handler(self, exn: Exception) -> bool:
         if isinstance(exn, (CorruptSampleError, DataError)):
             raise exn  # strict mode / the stall guard: never let webdataset's handlers swallow it
-        failed = exit_reason(self.url, self._stream)  # a download that died: say why in words
         detail = exn.args[0] if exn.args else ""
-        self._bad(failed or f"unreadable tar data ({type(exn).__name__}: {detail})")
+        detail = f"unreadable tar data ({type(exn).__name__}: {detail})"
+        if isinstance(self._stream, _Piped):
+            self._pending = detail  # reported at close, by the exit status when the download died
+        else:
+            self._bad(detail)
         return False  # after a tar error the rest of the shard cannot be trusted
 
     def __iter__(self) -> Iterator[dict]:
@@ -127,7 +153,7 @@ class ShardRead:
                 self._bad(exit_reason(url, stream) or f"cannot read ({exc})")
                 return
             compressed = looks_compressed(head)
-            if skip and not compressed and not hasattr(stream, "proc") and stream.seekable():
+            if skip and not compressed and stream.seekable():
                 stream.seek(-len(head), os.SEEK_CUR)
                 start = stream.tell()
                 if seek_to_sample(stream, skip):
@@ -144,9 +170,11 @@ class ShardRead:
             yield from islice(samples, skip, stop)
             drained = self.ended
         finally:
-            failure = _close(url, stream, drained and not self.damaged)
-            if failure is not None:
-                self._bad(failure)
+            # A download cut short shows as damaged tar data first; its exit status says why.
+            pending, self._pending = self._pending, None
+            failure = _close(url, stream, drained or pending is not None)
+            if failure is not None or pending is not None:
+                self._bad(failure or pending)
 
     def _guarded(self, members):
         # group_by_keys wants __url__ on every member; errors raised while reading end the shard.

@@ -1,0 +1,99 @@
+"""Helpers of the data tests: a real HTTP server, a tiny engine config, hand-built tar shards.
+
+``ShardServer``: a real HTTP server on 127.0.0.1 (a free port) serving a directory. ``drop``:
+{URL path: bytes} — those files are announced with their full Content-Length, but the connection
+is closed after that many bytes (a download that dies mid-shard). ``hits`` counts GETs per path.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import tarfile
+import threading
+from collections import Counter
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    drop: dict = {}
+    hits: Counter = Counter()
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def do_GET(self):
+        self.hits[self.path] += 1
+        super().do_GET()
+
+    def copyfile(self, source, outputfile):
+        cut = self.drop.get(self.path)
+        if cut is None:
+            return super().copyfile(source, outputfile)
+        outputfile.write(source.read(cut))
+        outputfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(2)  # the peer sees the connection end before Content-Length bytes
+
+
+class ShardServer:
+    def __init__(self, root: Path, drop: dict | None = None):
+        self.hits: Counter = Counter()
+        handler = type("Handler", (_Handler,), {"drop": dict(drop or {}), "hits": self.hits})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ShardServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# A tiny engine run (32-channel UNet, batch 4, one thread): a few steps take seconds on the CPU.
+TINY = {
+    "model": {
+        "unet": {"base_channel": 32, "channel_multiplier": [1, 2], "num_residual_blocks_of_a_block": 1,
+                 "attention_resolutions": [2], "num_heads": 1, "dropout": 0.0, "latent_dim": 64},
+        "masks": {"k": 8},
+        "encoder": {"name": "shapes32", "latent_dim": 64},
+    },
+    "run": {"threads": 1, "seed": 3},
+    "data": {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 16},
+    "fast": {"attention": "sdpa"},
+    "optim": {"lr": 1e-3, "scale_lr_by_batch": False},
+    "log": {"every": 1, "progress": False, "tensorboard": False},
+    "checkpoint": {"every": 0, "keep": 1},
+}
+
+
+def tiny_config(run_dir, *overrides: str):
+    from diti_fast.engine.run_config import apply_overrides, build_config
+    return build_config(apply_overrides(TINY, [f"run.dir={run_dir}", *overrides]), "test")
+
+
+def metrics(run_dir) -> list[dict]:
+    import json
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_tar(path, members) -> Path:
+    """A plain tar of (name, bytes) members, in order."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return Path(path)
+
+
+def sample_offsets(path) -> dict[str, int]:
+    """Byte offset of each sample's first header in a tar (to cut a shard between samples)."""
+    out: dict[str, int] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            out.setdefault(m.name.split(".", 1)[0], m.offset)
+    return out

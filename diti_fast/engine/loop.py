@@ -38,6 +38,7 @@ import torch.distributed as dist
 import yaml
 
 from diti_fast.config import ConfigError
+from diti_fast.data.errors import DataError
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
 from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None, prog: str = "diti_fast/train.py") -> int
         return 0
     try:
         result = train(cfg)
-    except (ConfigError, CheckpointError, ckpt.ResumeError) as e:
+    except (ConfigError, CheckpointError, ckpt.ResumeError, DataError) as e:  # DataError: unusable data
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteLoss as e:

@@ -12,6 +12,13 @@ from .shard_spec import ShardSpec
 from .skip_stats import SkipStats
 
 
+def sample_index(sample: dict) -> int:
+    """The index written into the key by data_shards; for other tools' keys, the sample's position
+    in storage order (set by the reader when the counts are known), else -1."""
+    i = key_index(sample["__key__"])
+    return i if i >= 0 else sample.get("__pos__", -1)
+
+
 class BatchAssembler:
     """Samples arrive checked by ``shard_reader.check_sample`` (``__image__`` names the image member,
     ``__labels__`` holds the parsed labels)."""
@@ -60,7 +67,7 @@ class BatchAssembler:
             self.stats.guard.good()
         if self.num_attrs:
             batch["attrs"][row] = sample["__labels__"]
-        batch["index"][row] = key_index(key)
+        batch["index"][row] = sample_index(sample)
         if self.with_keys:
             batch["key"].append(key)
         batch["rows"] = row + 1
@@ -87,7 +94,7 @@ class BatchAssembler:
             rows[mirrored] = rows[mirrored][..., ::-1]
         if self.num_attrs:
             batch["attrs"][row:row + n] = np.stack([x["__labels__"] for x in samples])
-        batch["index"][row:row + n] = [key_index(x["__key__"]) for x in samples]
+        batch["index"][row:row + n] = [sample_index(x) for x in samples]
         if self.with_keys:
             batch["key"].extend(x["__key__"] for x in samples)
         batch["rows"] = row + n

@@ -68,11 +68,13 @@ class EvalPass(IterableDataset):
         start, stop = a + jb * bs, min(a + je * bs, b)
         pending: list[dict] = []  # good samples of the batch being built
         slots = 0  # positions of that batch consumed, good or bad
+        starts = [0, *accumulate(spec.counts)]
         for shard, offset, length in pieces(spec.counts, start, stop):
             url = spec.urls[shard]
             seen = 0
             read = ShardRead(url, stats, skip=offset, limit=length)
             for sample in read:
+                sample["__pos__"] = starts[shard] + offset + seen
                 seen += 1
                 if check_sample(sample, spec, stats):
                     pending.append(sample)

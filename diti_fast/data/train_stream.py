@@ -17,6 +17,7 @@ streams that other workers emit.
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import Iterator
 
 import numpy as np
@@ -64,6 +65,7 @@ class _VirtualStream:
     def _source(self) -> Iterator[dict]:
         spec, first, barren = self.spec, True, 0
         n = len(spec.urls)
+        starts = None if spec.counts is None else [0, *accumulate(spec.counts)]
         while True:
             if self._weights is not None:
                 shard = int(self.rng.choice(n, p=self._weights))
@@ -75,7 +77,9 @@ class _VirtualStream:
             first = False
             good = 0
             read = ShardRead(spec.urls[shard], self.stats, skip=skip)
-            for sample in read:
+            base = None if starts is None else starts[shard] + skip
+            for i, sample in enumerate(read):
+                sample["__pos__"] = -1 if base is None else base + i  # storage position, for foreign keys
                 if check_sample(sample, spec, self.stats):
                     good += 1
                     if sample["__image__"] == "u8":  # fully checked: usable (others once decoded)

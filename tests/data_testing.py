@@ -41,6 +41,7 @@ class ShardServer:
         self.hits: Counter = Counter()
         handler = type("Handler", (_Handler,), {"drop": dict(drop or {}), "hits": self.hits})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        self.httpd.handle_error = lambda *args: None  # clients that stop reading early are normal here
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

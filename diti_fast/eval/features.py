@@ -138,7 +138,11 @@ class FeatureSet:
 def extract_features(encoder, shards: str | Path, device="cpu", batch_size: int = 256,
                      max_samples: int | None = None, num_workers: int = 0) -> FeatureSet:
     spec = shard_spec(shards)
-    size = getattr(encoder, "image_size", spec.image_size)  # another size is resized on load
+    size = getattr(encoder, "image_size", spec.image_size)
+    if spec.manifest is not None and spec.image_size != size:  # a made set of another size: likely the wrong one
+        raise EvalError(f"{shards} holds {spec.image_size}x{spec.image_size} images but the encoder "
+                        f"{encoder.name!r} expects {size}x{size}")
+    # Without a manifest (other tools' shards, often of mixed sizes) images are resized on load.
     encoder.eval()
     zs, ys, ps, n = [], [], [], 0
     for pos, imgs, attrs in iter_batches(shards, batch_size, num_workers, image_size=size):

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 # The module attribute ``webdataset.gopen`` is the function (the package re-exports it over the
 # submodule's name), so the scheme table is imported from the submodule explicitly.
 from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import tar_file_iterator
 
 from .codec import image_member
 from .errors import CorruptSampleError, DataError
@@ -109,7 +109,7 @@ class ShardRead:
     """Samples of one shard in storage order, the first ``skip`` passed over without decoding.
 
     Plain tars are parsed by ``tar_members`` (fast); compressed ones by webdataset's
-    ``tar_file_iterator``. Members are grouped into samples by webdataset's ``group_by_keys``.
+    ``tar_file_iterator``. Members are grouped into samples by webdataset's key rule (``_grouped``).
     An unreadable, truncated or failed download is counted once in ``stats`` (``bad_shard``) and
     ends early, keeping the samples read before the damage (``.damaged`` is then True); strict
     mode raises instead.
@@ -165,7 +165,7 @@ class ShardRead:
                 members = tar_file_iterator(_Prepended(head, stream), handler=self._handler)
             else:
                 members = iter_members(stream.read, head, url)
-            samples = group_by_keys(self._guarded(members), keys=split_key, handler=self._handler)
+            samples = self._grouped(self._guarded(members))
             stop = None if self.limit is None else skip + self.limit
             yield from islice(samples, skip, stop)
             drained = self.ended
@@ -176,12 +176,32 @@ class ShardRead:
             if failure is not None or pending is not None:
                 self._bad(failure or pending)
 
+    def _grouped(self, members) -> Iterator[dict]:
+        """Consecutive members sharing a key make one sample (webdataset's rule: the key is the
+        path up to the first dot of the file name, suffixes lower-cased); a repeated suffix within
+        a sample is damage."""
+        url, current, key = self.url, None, None
+        for m in members:
+            k, ext = split_key(m["fname"])
+            if k is None:
+                continue
+            if k != key:
+                if current is not None:
+                    yield current
+                current, key = {"__key__": k, "__url__": url}, k
+            ext = ext.lower()
+            if ext in current:
+                self._handler(ValueError(f"{m['fname']}: duplicate member in sample {k}"))
+                current = None
+                break
+            current[ext] = m["data"]
+        if current is not None:
+            yield current
+
     def _guarded(self, members):
-        # group_by_keys wants __url__ on every member; errors raised while reading end the shard.
+        # Errors raised while reading end the shard (counted once, as bad_shard).
         try:
-            for m in members:
-                m["__url__"] = self.url
-                yield m
+            yield from members
             self.ended = True
         except (TarFormatError, OSError, EOFError, ValueError) as exn:
             self._handler(exn)

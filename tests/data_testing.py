@@ -54,26 +54,13 @@ class ShardServer:
         self.httpd.server_close()
 
 
-# A tiny engine run (32-channel UNet, batch 4, one thread): a few steps take seconds on the CPU.
-TINY = {
-    "model": {
-        "unet": {"base_channel": 32, "channel_multiplier": [1, 2], "num_residual_blocks_of_a_block": 1,
-                 "attention_resolutions": [2], "num_heads": 1, "dropout": 0.0, "latent_dim": 64},
-        "masks": {"k": 8},
-        "encoder": {"name": "shapes32", "latent_dim": 64},
-    },
-    "run": {"threads": 1, "seed": 3},
-    "data": {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 16},
-    "fast": {"attention": "sdpa"},
-    "optim": {"lr": 1e-3, "scale_lr_by_batch": False},
-    "log": {"every": 1, "progress": False, "tensorboard": False},
-    "checkpoint": {"every": 0, "keep": 1},
-}
-
-
 def tiny_config(run_dir, *overrides: str):
+    """The engine tests' tiny run (32-channel UNet, batch 4, one thread), reading shards."""
+    from test_train_engine import TINY  # one tiny model for all engine tests
+
     from diti_fast.engine.run_config import apply_overrides, build_config
-    return build_config(apply_overrides(TINY, [f"run.dir={run_dir}", *overrides]), "test")
+    base = ["data.source=shards", "data.num_workers=0", "data.shuffle_buffer=16", "checkpoint.keep=1"]
+    return build_config(apply_overrides(TINY, [f"run.dir={run_dir}", *base, *overrides]), "test")
 
 
 def metrics(run_dir) -> list[dict]:

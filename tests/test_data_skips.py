@@ -194,3 +194,33 @@ def test_verify_refuses_a_shard_with_the_wrong_sha256(tmp_path):
 def test_strict_mode_names_the_first_bad_sample(layout):
     with pytest.raises(CorruptSampleError, match=r"a\.tar: sample 000000001: no label member.*\[missing_label\]"):
         list(train_loader(str(layout), batch_size=4, epoch_samples=8, shuffle_buffer=1, strict=True))
+
+
+@pytest.mark.slow
+def test_two_ranks_report_the_sum_of_their_skips(layout, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from diti_fast.engine.run_config import dump_yaml
+    repo = Path(__file__).resolve().parents[1]
+    steps, micro = 5, 4  # batch 8 over 2 ranks
+    cfg = tiny_config(tmp_path / "two", "stage=ddpm", f"data.shards={layout}", "data.num_samples=400",
+                      "data.shuffle_buffer=1", "data.size_mismatch=skip", "data.batch_size=8",
+                      f"run.max_images={steps * 8}")
+    (tmp_path / "two.yaml").write_text(dump_yaml(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(repo / "diti_fast" / "train.py"),
+           "--config", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # Each rank's streams read the one shard the same way (no counts: no random offsets), so the
+    # all-reduced record is twice one rank's closed form.
+    one_rank = expected_counts(steps, micro)
+    assert metrics(tmp_path / "two")[-1]["data_skipped"] == {k: 2 * v for k, v in one_rank.items()}

@@ -102,6 +102,16 @@ def test_training_goes_on_with_exact_bad_shard_count(served, tmp_path):
     assert metrics(tmp_path)[-1]["data_skipped"] == dict({r: 0 for r in REASONS}, bad_shard=expected)
 
 
+def test_verify_command_reads_a_manifest_url(served, capsys):
+    from data_shards.__main__ import main as shards_main
+    root, server = served
+    assert shards_main(["verify", f"{server.url}/set/manifest.json"]) == 0
+    assert "4/4 shards OK" in capsys.readouterr().out
+    assert shards_main(["verify", f"{server.url}/cut/manifest.json"]) == 1  # the dropped download
+    err = capsys.readouterr().err
+    assert f"{server.url}/cut/shard-000001.tar: cannot read (the transfer ended early (partial file) (curl exit 18))" in err
+
+
 def test_404_is_an_error_naming_the_url(served, tmp_path):
     root, server = served
     url = f"{server.url}/nowhere/manifest.json"

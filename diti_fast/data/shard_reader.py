@@ -306,8 +306,12 @@ def count_samples(url: str, on_sample=None) -> int:
 
 
 def shard_sha256(url: str) -> str:
+    """sha256 of the whole shard; OSError when it cannot be read (a failed download says why)."""
     h = hashlib.sha256()
     with open_shard(url) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    failed = exit_reason(url, f)
+    if failed is not None:
+        raise OSError(failed)
     return h.hexdigest()

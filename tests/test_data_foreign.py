@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_testing import metrics, tiny_config
 from diti_fast.config import ConfigError
-from diti_fast.data import DataError, ShardSpec, eval_loader, train_loader
+from diti_fast.data import DataError, ShardSpec, eval_loader
 from diti_fast.engine.loop import train
 
 SHAPES = ["circle", "square", "triangle"]

@@ -7,7 +7,6 @@ naming the URL.
 """
 import math
 import shutil
-import warnings
 
 import numpy as np
 import pytest

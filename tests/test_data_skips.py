@@ -8,7 +8,6 @@ follows from the shard's layout alone (``expected_counts``).
 """
 import json
 import signal
-import warnings
 from contextlib import contextmanager
 
 import numpy as np

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .codec import DecodeError, SizeError, decode_image_into, key_index
-from .errors import DataError
+from .shard_reader import refuse_size
 from .shard_spec import ShardSpec
 from .skip_stats import SkipStats
 
@@ -58,10 +58,7 @@ class BatchAssembler:
             self.stats.skip("decode", url, key, str(exc))
             return False
         except SizeError as exc:
-            if spec.size_mismatch == "error":
-                raise DataError(f"{url}: sample {key}: {exc} (data.size_mismatch=error; 'resize' center-crops "
-                                "and resizes such samples on load, 'skip' skips and counts them)") from None
-            self.stats.skip("size", url, key, str(exc))
+            refuse_size(spec, self.stats, url, key, str(exc))
             return False
         if self.stats.guard is not None:
             self.stats.guard.good()

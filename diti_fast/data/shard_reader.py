@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import tar_file_iterator
 
-from .codec import image_member
+from .codec import image_member, raw_side
 from .errors import CorruptSampleError, DataError
 from .labels import LabelError, read_labels
 from .skip_stats import SkipStats
@@ -242,7 +242,7 @@ def check_sample(sample: dict, spec, stats: SkipStats) -> bool:
     """Cheap checks done before shuffling, so a resumed run consumes the same samples: an image
     member is present, labels parse (stored as ``__labels__``), raw images have a usable length.
     PNG/JPEG/WebP/PPM can only fail later, at decode time."""
-    ext = image_member(sample, spec.image_ext)
+    ext = image_member(sample, spec.image_format)
     key, url = sample.get("__key__"), sample.get("__url__", "?")
     if ext is None:
         present = sorted(k for k in sample if not k.startswith("__"))
@@ -256,20 +256,18 @@ def check_sample(sample: dict, spec, stats: SkipStats) -> bool:
             stats.skip(exc.reason, url, key, str(exc))
             return False
     if ext == "u8" and len(sample["u8"]) != spec.image_bytes:
-        from .codec import raw_side
-
         side = raw_side(len(sample["u8"]), spec.channels)
         if side is None:
             stats.skip("decode", url, key, f"raw image has {len(sample['u8'])} bytes, not 3×S×S for any S")
             return False
         if spec.size_mismatch != "resize":
-            _refuse_size(spec, stats, url, key, f"raw image is {side}x{side}")
+            refuse_size(spec, stats, url, key, f"raw image is {side}x{side}, expected {spec.image_size}x{spec.image_size}")
             return False
     return True
 
 
-def _refuse_size(spec, stats: SkipStats, url: str, key: str | None, what: str) -> None:
-    msg = f"{what}, expected {spec.image_size}x{spec.image_size}"
+def refuse_size(spec, stats: SkipStats, url: str, key: str | None, msg: str) -> None:
+    """An image of another size under size_mismatch "skip" (counted) or "error" (raised)."""
     if spec.size_mismatch == "error":
         raise DataError(f"{url}: sample {key}: {msg} (data.size_mismatch=error; 'resize' center-crops and "
                         "resizes such samples on load, 'skip' skips and counts them)")

@@ -58,10 +58,6 @@ class ShardSpec:
         return len(self.attributes)
 
     @property
-    def image_ext(self) -> str:
-        return self.image_format
-
-    @property
     def image_bytes(self) -> int:
         """Exact member size of a raw image at the target size."""
         return self.channels * self.image_size**2

@@ -121,3 +121,25 @@ def test_404_is_an_error_naming_the_url(served, tmp_path):
         eval_loader(listed, batch_size=4)
     with pytest.raises(ConfigError, match=f"data.shards={url}: {url}: cannot read the shard manifest"):
         train(tiny_config(tmp_path, "stage=ddpm", f"data.shards={url}", "run.max_images=4"))
+
+
+@pytest.mark.parametrize("name", ["../set/shard-000000.tar", "/etc/passwd", "http://elsewhere/x.tar", "a/../../b.tar"])
+def test_manifest_names_stay_inside_its_location(served, tmp_path, name):
+    import json
+
+    from diti_fast.data import DataFormatError
+    root, server = served
+    manifest = json.loads((root / "set" / "manifest.json").read_text())
+    manifest["shards"][2]["name"] = name
+    for where in (root / "evil", tmp_path):
+        where.mkdir(exist_ok=True)
+        (where / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataFormatError, match=r"shards\[2\]: shard name .* leaves the manifest's location"):
+        eval_loader(f"{server.url}/evil/manifest.json", batch_size=4)
+    with pytest.raises(DataFormatError, match=r"shards\[2\]: shard name .* leaves the manifest's location"):
+        eval_loader(tmp_path / "manifest.json", batch_size=4)
+
+
+def test_unknown_scheme_is_refused_before_reading():
+    with pytest.raises(DataError, match=r"s3://bucket/x\.tar: no opener for scheme 's3'"):
+        eval_loader("s3://bucket/x.tar", batch_size=4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from itertools import islice
 from typing import Iterator
 from urllib.parse import urlparse
@@ -25,6 +26,7 @@ from .skip_stats import SkipStats
 from .tar_members import BLOCK, TarFormatError, iter_members, looks_compressed, seek_to_sample
 
 _LOCAL_BUFFER = 1 << 20  # fewer syscalls than the 8 KiB default when streaming local tars
+_CHILD_EXIT_S = 30  # how long a closed download or pipe: command gets to exit before it is killed
 # curl's exit codes that webdataset's http(s) opener can end with, in words.
 _CURL_EXIT = {6: "cannot resolve the host", 7: "cannot connect", 18: "the transfer ended early (partial file)",
               22: "the server answered with an HTTP error (>= 400, e.g. 404 not found)",
@@ -76,7 +78,11 @@ class _Piped:
     def close(self) -> None:
         if not self.pipe.stream.closed:
             self.pipe.stream.close()  # a child still writing now exits (SIGPIPE / curl 23)
-            self.status = self.pipe.proc.wait()
+            try:
+                self.status = self.pipe.proc.wait(timeout=_CHILD_EXIT_S)
+            except subprocess.TimeoutExpired:  # a command that ignores its closed output
+                self.pipe.proc.kill()
+                self.status = self.pipe.proc.wait()
 
     def __enter__(self):
         return self

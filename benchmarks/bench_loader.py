@@ -13,16 +13,25 @@ round times, back to back on the same shards and the same number of images:
 loader / plain_tarfile ≥ 0.8. Memory: peak traced allocations of an in-process epoch (tracemalloc)
 at two shuffle-buffer sizes, next to what the buffer itself holds, shows memory follows the
 buffer and not the data set.
+
+``test_images_per_worker`` measures what one DataLoader worker delivers from raw u8 64 px shards,
+read locally and served over HTTP from 127.0.0.1 (curl through webdataset's opener), side by side
+in each round. Target: ≥ 5,000 images/s per worker for local u8 at 64 px. Both wall-clock images/s
+and images per CPU-second (this process + the worker + its curl children) are recorded: on a
+shared machine the wall rate follows the other load, the CPU rate is what the loader costs.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import resource
+import threading
 import statistics
 import tarfile
 import time
 import tracemalloc
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -137,3 +146,45 @@ def test_loader_vs_plain_decode(benchmark, shard_set):
     benchmark.extra_info.update(info)
     print(f"\n{fmt}-{size}px: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     assert med["loader_1worker"] > 0
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def u8_64(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-u8-64-served")
+    make_synthetic_shards(out, NUM, image_size=64, seed=0, maxcount=500, workers=2)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(out)))
+    httpd.handle_error = lambda *args: None  # the loader closes streams it no longer needs
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield out, f"http://127.0.0.1:{httpd.server_address[1]}/manifest.json"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_images_per_worker(benchmark, u8_64):
+    local, url = u8_64
+    rates = {"local_u8_64px": [], "http_u8_64px": []}
+
+    def http_round():  # untimed by pytest-benchmark, run before each timed local round
+        rates["http_u8_64px"].append(_rate(_loader, url, 1, EPOCH))
+
+    def timed():
+        rates["local_u8_64px"].append(_rate(_loader, local, 1, EPOCH))
+
+    benchmark.pedantic(timed, setup=http_round, rounds=ROUNDS, iterations=1)
+    info = {}
+    for name, r in rates.items():
+        info[f"{name}_img_per_s_per_worker"] = round(statistics.median(x[0] for x in r))
+        info[f"{name}_img_per_cpu_s"] = round(statistics.median(x[1] for x in r))
+    info["target_local_img_per_s_per_worker"] = 5000
+    info["meets_target_wall"] = info["local_u8_64px_img_per_s_per_worker"] >= 5000
+    info["ratio_http_vs_local"] = round(info["http_u8_64px_img_per_s_per_worker"]
+                                        / info["local_u8_64px_img_per_s_per_worker"], 3)
+    benchmark.extra_info.update(info, epoch_images=EPOCH, batch_size=BATCH, workers=1)
+    print("\nper worker: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    assert all(x[0] > 0 for r in rates.values() for x in r)

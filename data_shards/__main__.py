@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder/celeba: keep sorted source order in the shards instead of a seeded shuffle "
                         "(keys always carry the sorted index)")
     m.add_argument("--strict", action="store_true",
-                   help="fail on an unreadable source image instead of skipping it and counting it")
+                   help="fail on an unreadable source image instead of skipping it and counting it; with --attrs, "
+                        "also on CSV rows naming no image and images without a row (default: a warning)")
     m.add_argument("--verify", action="store_true",
                    help="on a re-run, re-hash existing shards before keeping them (without it: size check only)")
     m.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
 
     v = sub.add_parser("verify", help="check every shard of a shard set against its manifest checksums")
-    v.add_argument("dir", type=Path, help="a directory holding manifest.json")
+    v.add_argument("dir", help="a directory holding manifest.json, a manifest path or a manifest URL "
+                                "(http(s)://…/manifest.json); shards are read as the loader reads them")
     return parser
 
 
@@ -137,12 +139,12 @@ def _make(args) -> int:
             )
             _report(args.out / split, manifest)
         return 0
-    items, attributes, render, config = plan_folder(
-        args.root, args.attrs, image_size=size, crop=args.crop, resample=args.resample
+    items, attributes, render, config, notes = plan_folder(
+        args.root, args.attrs, image_size=size, crop=args.crop, resample=args.resample, strict=args.strict
     )
     manifest = write_shards(
         args.out, items=order(items), render=render, attributes=attributes, image_size=size,
-        source=args.source, config=dict(config, **shuffle_cfg), **common,
+        source=args.source, config=dict(config, **shuffle_cfg), notes=notes, **common,
     )
     _report(args.out, manifest)
     return 0
@@ -156,14 +158,21 @@ def _report(out: Path, manifest: dict) -> None:
 
 
 def _verify(args) -> int:
-    from .tarwrite import file_sha256
+    from diti_fast.data.shard_reader import shard_sha256
 
     manifest = read_manifest(args.dir)
-    bad = [s["name"] for s in manifest["shards"]
-           if not Path(s["path"]).is_file() or file_sha256(s["path"]) != s["sha256"]]
-    for name in bad:
-        print(f"{args.dir / name}: missing or checksum mismatch", file=sys.stderr)
-    print(f"{args.dir}: {len(manifest['shards']) - len(bad)}/{len(manifest['shards'])} shards OK")
+    bad = 0
+    for s in manifest["shards"]:
+        try:
+            digest = shard_sha256(s["path"])
+        except OSError as exc:
+            print(f"{s['path']}: cannot read ({exc})", file=sys.stderr)
+            bad += 1
+            continue
+        if digest != s["sha256"]:
+            print(f"{s['path']}: checksum mismatch (sha256 {digest}, manifest {s['sha256']})", file=sys.stderr)
+            bad += 1
+    print(f"{args.dir}: {len(manifest['shards']) - bad}/{len(manifest['shards'])} shards OK")
     return 1 if bad else 0
 
 

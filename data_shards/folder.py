@@ -6,15 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from diti_fast.data.errors import DataError
+from diti_fast.data.errors import DataError, DataWarning, MissingFileError
 
 from .csvattrs import read_attribute_csv
-from diti_fast.data.errors import MissingFileError
 from .images import IMAGE_SUFFIXES, center_square, load_rgb, resize_square
 from .tarwrite import Sample, Skipped
 
@@ -48,22 +48,48 @@ def render_folder(items: list, root: str, image_size: int, crop: str, resample: 
         yield Sample(index=index, image=image, attrs=attrs, src=rel)
 
 
-def plan_folder(root, attrs_csv=None, *, image_size: int, crop: str = "center", resample: str = "bicubic"):
-    """(items in sorted order, attribute specs, render callable, config) for the writer.
+SHOWN = 5  # names quoted in the warning; the manifest records up to 100
 
-    With a CSV, its rows define the sample set (images the CSV does not list are left out);
-    a row naming a missing image is an error naming the CSV line.
+
+def plan_folder(root, attrs_csv=None, *, image_size: int, crop: str = "center", resample: str = "bicubic",
+                strict: bool = False):
+    """(items in sorted order, attribute specs, render callable, config, notes) for the writer.
+
+    With a CSV, the samples are the images that have a row. Rows naming no image under ``root``
+    and images without a row are left out with one DataWarning giving both counts and the first
+    names (recorded in the manifest's ``attrs_unmatched``); ``strict`` makes them an error naming
+    the CSV line of the first missing image, or the first image without a row.
     """
     root = Path(root)
     images = list_images(root)
     attributes: list[dict] = []
+    notes: dict = {}
     if attrs_csv is not None:
         attributes, table, lines = read_attribute_csv(attrs_csv)
         present = set(images)
-        for rel, line in lines.items():
-            if rel not in present:
-                raise DataError(f"{attrs_csv}:{line}: image {rel!r} not found under {root}")
-        listed = sorted(table)
+        no_image = sorted((line, rel) for rel, line in lines.items() if rel not in present)
+        no_row = [rel for rel in images if rel not in table]
+        if no_image or no_row:
+            if strict and no_image:
+                line, rel = no_image[0]
+                raise DataError(f"{attrs_csv}:{line}: image {rel!r} not found under {root} "
+                                f"({len(no_image)} row(s) without an image; --strict)")
+            if strict:
+                raise DataError(f"{root / no_row[0]}: no row in {attrs_csv} "
+                                f"({len(no_row)} image(s) without a row; --strict)")
+            notes["attrs_unmatched"] = {
+                "rows_without_image": len(no_image), "first_rows_without_image": [r for _, r in no_image[:100]],
+                "images_without_row": len(no_row), "first_images_without_row": no_row[:100]}
+            warnings.warn(
+                f"data_shards: {attrs_csv}: {len(no_image)} row(s) name no image under {root}"
+                + (f" (first: {', '.join(f'line {ln} {r!r}' for ln, r in no_image[:SHOWN])})" if no_image else "")
+                + f"; {len(no_row)} image(s) have no row"
+                + (f" (first: {', '.join(repr(r) for r in no_row[:SHOWN])})" if no_row else "")
+                + "; both left out (recorded in the manifest as attrs_unmatched; --strict makes this an error)",
+                DataWarning, stacklevel=2)
+        listed = sorted(rel for rel in table if rel in present)
+        if not listed:
+            raise DataError(f"{attrs_csv}: none of its rows names an image under {root}")
         items = [(i, rel, table[rel]) for i, rel in enumerate(listed)]
     else:
         if not images:
@@ -80,7 +106,7 @@ def plan_folder(root, attrs_csv=None, *, image_size: int, crop: str = "center", 
         "resample": resample,
     }
     render = partial(render_folder, root=str(root), image_size=image_size, crop=crop, resample=resample)
-    return items, attributes, render, config
+    return items, attributes, render, config, notes
 
 
 def _stat(p: Path) -> tuple[int, int]:

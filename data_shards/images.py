@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-RESAMPLE = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "nearest": Image.Resampling.NEAREST,
-}
+from diti_fast.data.codec import RESAMPLE  # one filter table for the writer and the loader
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
 
 

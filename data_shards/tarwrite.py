@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 from dataclasses import dataclass
@@ -15,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diti_fast.data.codec import ATTRS_EXT, IMAGE_EXT, SOURCE_EXT, encode_attrs, encode_image, sample_key
+from diti_fast.data.codec import (ATTRS_EXT, CLS_EXT, IMAGE_EXT, JSON_EXT, SOURCE_EXT, encode_attrs, encode_image,
+                                  sample_key)
+
+# Beside .f32, the ecosystem's label members, so other WebDataset tools read labels without our
+# manifest: .cls for a single categorical attribute, else .json with every attribute by name.
+LABEL_LAYOUT = "f32+cls|json"
 
 FIXED_MTIME = 946684800  # 2000-01-01: a constant, so archives are reproducible
 
@@ -45,7 +51,22 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_tar(path: Path, samples, image_format: str, quality: int, expect_attrs: int):
+def label_members(attrs: np.ndarray, attributes: list[dict]) -> tuple[str, bytes]:
+    """(.cls or .json, bytes) for one sample's attribute vector."""
+    if len(attributes) == 1 and attributes[0]["kind"] == "categorical":
+        return CLS_EXT, str(int(attrs[0])).encode("ascii")
+    obj = {}
+    for a, v in zip(attributes, attrs.tolist()):
+        if a["kind"] == "continuous":
+            obj[a["name"]] = v
+        elif a.get("classes"):
+            obj[a["name"]] = a["classes"][int(v)]  # string classes as the strings, as a CSV had them
+        else:
+            obj[a["name"]] = int(v)
+    return JSON_EXT, json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def write_tar(path: Path, samples, image_format: str, quality: int, attributes: list[dict]):
     """Write ``samples`` (Sample or Skipped items) to ``path`` atomically.
 
     Returns (num_written, skipped list, sha256 hex, byte size).
@@ -62,10 +83,12 @@ def write_tar(path: Path, samples, image_format: str, quality: int, expect_attrs
                         continue
                     key = sample_key(s.index)
                     _add(tar, f"{key}.{ext}", encode_image(s.image, image_format, quality))
-                    if expect_attrs:
-                        if s.attrs is None or len(s.attrs) != expect_attrs:
-                            raise ValueError(f"sample {s.index}: expected {expect_attrs} attributes")
+                    if attributes:
+                        if s.attrs is None or len(s.attrs) != len(attributes):
+                            raise ValueError(f"sample {s.index}: expected {len(attributes)} attributes")
                         _add(tar, f"{key}.{ATTRS_EXT}", encode_attrs(s.attrs))
+                        label_ext, data = label_members(np.asarray(s.attrs, np.float32), attributes)
+                        _add(tar, f"{key}.{label_ext}", data)
                     if s.src is not None:
                         _add(tar, f"{key}.{SOURCE_EXT}", s.src.encode("utf-8"))
                     written += 1

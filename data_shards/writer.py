@@ -26,7 +26,7 @@ from tqdm import tqdm
 from diti_fast.data.errors import DataError, DataWarning
 from diti_fast.data.manifest import FORMAT_TAG, FORMAT_VERSION, MANIFEST_NAME, write_manifest
 
-from .tarwrite import Skipped, file_sha256, write_tar
+from .tarwrite import LABEL_LAYOUT, Skipped, file_sha256, write_tar
 
 JOURNAL_NAME = "manifest.partial.jsonl"
 
@@ -87,7 +87,7 @@ class _Job:
     render: Callable[[list], Any]
     image_format: str
     quality: int
-    num_attrs: int
+    attributes: list
     strict: bool
 
 
@@ -104,7 +104,7 @@ def _run_job(job: _Job) -> dict:
         _strict_guard(job.render(job.items), job.strict),
         job.image_format,
         job.quality,
-        job.num_attrs,
+        job.attributes,
     )
     return {
         "name": job.name,
@@ -157,13 +157,15 @@ def write_shards(
     strict: bool = False,
     verify: bool = False,
     allowed_dirs: Sequence[str] = (),
+    notes: dict[str, Any] | None = None,
 ) -> dict:
     """Write ``items`` (already in final order) as shards of ``maxcount`` samples into ``out_dir``.
 
     ``render(list_of_items)`` runs in worker processes and yields ``tarwrite.Sample`` or
     ``tarwrite.Skipped`` per item; it and the items must be picklable. ``config`` is everything
     else that determines the output bytes; together with the encoding options it decides whether
-    shards left by an earlier run can be kept. Returns the manifest.
+    shards left by an earlier run can be kept. ``notes`` are recorded in the manifest as they are
+    (e.g. attribute-table rows and images that did not match). Returns the manifest.
     """
     if maxcount < 1:
         raise ValueError("maxcount must be >= 1")
@@ -174,7 +176,7 @@ def write_shards(
     fingerprint = fingerprint_of(
         dict(config, image_size=image_size, image_format=image_format, maxcount=maxcount,
              quality=quality if image_format == "jpg" else None, prefix=prefix,
-             attributes=attributes, num_items=len(items), version=FORMAT_VERSION)
+             attributes=attributes, num_items=len(items), version=FORMAT_VERSION, labels=LABEL_LAYOUT)
     )
     reusable = _read_journal(out, fingerprint)
     if old_manifest is not None:
@@ -200,7 +202,7 @@ def write_shards(
         if old is not None and _still_valid(out, old, verify):
             results[name] = dict(old, planned=len(chunk), skipped=old.get("skipped", []))
         else:
-            jobs.append(_Job(str(out), name, chunk, render, image_format, quality, len(attributes), strict))
+            jobs.append(_Job(str(out), name, chunk, render, image_format, quality, attributes, strict))
 
     journal = open(out / JOURNAL_NAME, "a", encoding="utf-8")
     bar = tqdm(total=len(items), unit="img", desc=f"{source}{'/' + split if split else ''} -> {out.name}",
@@ -245,6 +247,7 @@ def write_shards(
         "num_skipped_sources": len(skipped),
         "params": config,
         "fingerprint": fingerprint,
+        **(notes or {}),
     }
     write_manifest(out, manifest)
     (out / JOURNAL_NAME).unlink(missing_ok=True)

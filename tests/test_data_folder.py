@@ -165,7 +165,6 @@ def test_csv_errors_name_file_and_line(tree, tmp_path, capsys):
         "binary": (f"path,a:binary\n{files[0]},1\n{files[1]},maybe\n", ":3: attribute 'a': 'maybe' is not binary"),
         "number": (f"path,a:continuous\n{files[0]},1.5\n{files[1]},abc\n",
                    ":3: attribute 'a': 'abc' is not a finite number"),
-        "missing": (f"path,a\n{files[0]},1\nghost.png,0\n", ":3: image 'ghost.png' not found"),
         "dup": (f"path,a\n{files[0]},1\n{files[0]},0\n", ":3: duplicate path"),
         "kind": ("path,a:weird\n", ":1: attribute 'a' has unknown kind"),
     }
@@ -174,6 +173,48 @@ def test_csv_errors_name_file_and_line(tree, tmp_path, capsys):
         assert _make("--source", "folder", "--root", root, "--attrs", path, "--out", out) == 2, name
         err = capsys.readouterr().err
         assert f"{path}{expected}" in err, (name, err)
+
+
+def test_csv_rows_and_images_that_do_not_match(tree, tmp_path, capsys):
+    root, _, files, _ = tree
+    # files[0..2] have rows; files[3..5] do not; two rows name no image (lines 3 and 5).
+    text = (f"path,a\n{files[0]},1\nghost.png,0\n{files[1]},0\nsub/gone.jpg,1\n{files[2]},1\n")
+    path = _write_csv(tmp_path / "partial.csv", text)
+    out = tmp_path / "o"
+    with pytest.warns(DataWarning) as record:
+        assert _make("--source", "folder", "--root", root, "--attrs", path, "--out", out, "--size", SIZE) == 0
+    msg = " ".join(str(w.message) for w in record)
+    assert "2 row(s) name no image" in msg and "line 3 'ghost.png'" in msg and "line 5 'sub/gone.jpg'" in msg
+    assert "3 image(s) have no row" in msg and repr(files[3]) in msg
+    m = read_manifest(out)
+    assert m["num_samples"] == 3
+    assert m["attrs_unmatched"] == {"rows_without_image": 2, "first_rows_without_image": ["ghost.png", "sub/gone.jpg"],
+                                    "images_without_row": 3, "first_images_without_row": files[3:]}
+    # --strict: the same mismatch is an error naming the CSV line; images without rows alone, too.
+    assert _make("--source", "folder", "--root", root, "--attrs", path, "--out", tmp_path / "s", "--strict") == 2
+    assert f"{path}:3: image 'ghost.png' not found" in capsys.readouterr().err
+    rows_only = _write_csv(tmp_path / "rows.csv", f"path,a\n{files[0]},1\n")
+    assert _make("--source", "folder", "--root", root, "--attrs", rows_only, "--out", tmp_path / "s", "--strict") == 2
+    assert f"{files[1]}: no row in {rows_only} (5 image(s) without a row; --strict)" in capsys.readouterr().err
+
+
+def test_writers_emit_cls_or_json_labels(tree, tmp_path):
+    import tarfile
+    root, csv_path, files, rows = tree
+    out = tmp_path / "j"
+    assert _make("--source", "folder", "--root", root, "--attrs", csv_path, "--out", out, "--size", SIZE,
+                 "--no-shuffle") == 0
+    with tarfile.open(out / "shard-000000.tar") as tf:
+        got = {m.name: tf.extractfile(m).read() for m in tf}
+    assert json.loads(got["000000000.json"]) == {"smiling": 0, "hair": "black", "age": 20.0, "group": 0}
+    assert json.loads(got["000000004.json"]) == {"smiling": 0, "hair": "blond", "age": 26.0, "group": 0}
+    one = _write_csv(tmp_path / "one.csv", "path,kind:categorical\n" + "".join(f"{f},{i % 3}\n" for i, f in enumerate(files)))
+    assert _make("--source", "folder", "--root", root, "--attrs", one, "--out", tmp_path / "c", "--size", SIZE,
+                 "--no-shuffle") == 0
+    with tarfile.open(tmp_path / "c" / "shard-000000.tar") as tf:
+        got = {m.name: tf.extractfile(m).read() for m in tf}
+    assert [got[f"{i:09d}.cls"] for i in range(6)] == [b"0", b"1", b"2", b"0", b"1", b"2"]
+    assert not any(n.endswith(".json") for n in got)
 
 
 def test_help_documents_every_option():
@@ -198,4 +239,4 @@ def test_verify_command(tmp_path, capsys):
     data[700] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert main(["verify", str(tmp_path)]) == 1
-    assert "shard-000001.tar: missing or checksum mismatch" in capsys.readouterr().err
+    assert "shard-000001.tar: checksum mismatch (sha256 " in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data_shards.synthetic import make_synthetic_shards, render
+from data_testing import sample_offsets
 from diti_fast.data import (
     CorruptSampleError,
     DataWarning,
@@ -166,8 +167,8 @@ def test_shard_inputs_dir_pattern_list_and_no_manifest(shards, tmp_path):
     spec = ShardSpec.resolve(str(bare / "shard-{000000..000001}.tar"))
     assert spec.manifest is None and spec.image_size == S and spec.num_attrs == 9 and spec.counts is None
     assert _indices(eval_loader(spec, batch_size=9)) == list(range(62))
-    with pytest.raises(ValueError, match="epoch_samples"):
-        train_loader(str(bare / "shard-{000000..000001}.tar"), batch_size=4)
+    # Without a manifest the epoch is the set's size, from one counting pass.
+    assert len(train_loader(str(bare / "shard-{000000..000001}.tar"), batch_size=4)) == 62 // 4
 
 
 # --- bad data -------------------------------------------------------------------------------------
@@ -206,16 +207,20 @@ def test_bad_samples_skipped_counted_and_summarised_once(damaged):
     summaries = [w for w in caught if issubclass(w.category, DataWarning)]
     assert got == [i for i in range(12) if i not in (3, 5, 8)]
     assert len(summaries) == 1
-    assert "skipped 3" in str(summaries[0].message) and "corrupt_image=1" in str(summaries[0].message)
-    assert ev.stats["skipped_by_reason"] == {"corrupt_image": 1, "missing_key": 2}
+    assert "skipped 3" in str(summaries[0].message) and "decode=1" in str(summaries[0].message)
+    assert ev.stats["skipped_by_reason"] == {"decode": 1, "missing_image": 1, "missing_label": 1}
 
     with pytest.warns(DataWarning) as record:
-        tl = train_loader(damaged, batch_size=4, epoch_samples=40, num_workers=2, seed=1)
+        tl = train_loader(damaged, batch_size=4, epoch_samples=40, num_workers=2, seed=1, shuffle_buffer=1)
         idx = _indices(tl)
     messages = [str(w.message) for w in record]
     assert sum("train epoch 0 rank 0: skipped" in m for m in messages) == 1, messages
     assert len(idx) == 40 and not {3, 5, 8} & set(idx)
-    assert tl.stats["skipped"] > 0 and set(tl.stats["skipped_by_reason"]) <= {"corrupt_image", "missing_key"}
+    # No manifest and a one-sample buffer: each of the 8 streams reads the shard in storage order. A
+    # read yields the 9 good samples 0,1,2,4,6,7,9,10,11; sample 3 (short raw image) lies before the
+    # 4th, 5 (no label) before the 5th, 8 (no image) before the 7th. Streams 0-1 took two batches
+    # (8 samples), streams 2-7 one (4): decode 2 + 6, missing_label 2, missing_image 2.
+    assert tl.stats["skipped_by_reason"] == {"decode": 8, "missing_label": 2, "missing_image": 2}
 
 
 def test_strict_mode_raises(damaged):
@@ -235,7 +240,7 @@ def test_corrupt_png_skipped(tmp_path, reference):
         data = buf.getvalue() if i != 2 else b"\x89PNG garbage"
         members += [(f"{i:09d}.png", data), (f"{i:09d}.f32", reference[1][i].astype("<f4").tobytes())]
     _tar(tmp_path / "p.tar", members)
-    with pytest.warns(DataWarning, match="corrupt_image=1"):
+    with pytest.warns(DataWarning, match="decode=1"):
         batches = list(eval_loader([str(tmp_path / "p.tar")], batch_size=3))
     assert [len(b["index"]) for b in batches] == [2, 3]
     for b in batches:
@@ -243,13 +248,15 @@ def test_corrupt_png_skipped(tmp_path, reference):
 
 
 def test_truncated_shard_keeps_what_it_can(shards, tmp_path):
-    data = (shards / "shard-000001.tar").read_bytes()
+    src = shards / "shard-000001.tar"  # samples 31..61 in storage order (no shuffle in synthetic sets)
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(data[: len(data) // 2 + 100])
-    with pytest.warns(DataWarning, match="bad_shard"):
-        idx = _indices(eval_loader([str(shards / "shard-000000.tar"), str(cut)], batch_size=8))
-    assert idx[:31] == list(range(31)) and 40 < len(idx) < 62
-    assert idx[31:] == list(range(31, 31 + len(idx) - 31))
+    cut.write_bytes(src.read_bytes()[: sample_offsets(src)["000000045"] + 100])  # inside 45's first header
+    with pytest.warns(DataWarning, match=r"bad_shard=1\)"):
+        ev = eval_loader([str(shards / "shard-000000.tar"), str(cut)], batch_size=8)
+        idx = _indices(ev)
+    assert idx == list(range(45))
+    assert ev.stats["skipped_by_reason"] == {"bad_shard": 1}
+    assert "cut.tar: unreadable tar data (TarFormatError: truncated header" in ev.stats["examples"][0]
 
 
 def test_shard_shorter_than_manifest(shards, tmp_path):

@@ -6,16 +6,27 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .codec import ATTRS_EXT, IMAGE_EXT, DecodeError, decode_image_into, key_index
+from .codec import DecodeError, SizeError, decode_image_into, key_index
+from .shard_reader import refuse_size
 from .shard_spec import ShardSpec
 from .skip_stats import SkipStats
 
 
+def sample_index(sample: dict) -> int:
+    """The index written into the key by data_shards; for other tools' keys, the sample's position
+    in storage order (set by the reader when the counts are known), else -1."""
+    i = key_index(sample["__key__"])
+    return i if i >= 0 else sample.get("__pos__", -1)
+
+
 class BatchAssembler:
+    """Samples arrive checked by ``shard_reader.check_sample`` (``__image__`` names the image member,
+    ``__labels__`` holds the parsed labels)."""
+
     def __init__(self, spec: ShardSpec, stats: SkipStats, with_keys: bool = False):
-        self.fmt = spec.image_format
-        self.ext = IMAGE_EXT[self.fmt]
+        self.spec = spec
         self.shape = (spec.channels, spec.image_size, spec.image_size)
+        self.image_bytes = spec.image_bytes
         self.num_attrs = spec.num_attrs
         self.stats = stats
         self.with_keys = with_keys
@@ -37,44 +48,50 @@ class BatchAssembler:
         }
 
     def put(self, batch: dict, sample: dict, flip: bool = False) -> bool:
-        """Decode ``sample`` into the next free row; False (and counted) if it cannot be decoded."""
+        """Decode ``sample`` into the next free row; False (and counted) if it cannot be used."""
         row = batch["rows"]
+        spec, ext = self.spec, sample["__image__"]
+        url, key = sample.get("__url__", "?"), sample.get("__key__")
         try:
-            decode_image_into(batch["image"][row], sample[self.ext], self.fmt, flip)
+            decode_image_into(batch["image"][row], sample[ext], ext, flip, spec.size_mismatch, spec.resample)
         except DecodeError as exc:
-            self.stats.skip("corrupt_image", sample.get("__url__", "?"), sample.get("__key__"), str(exc))
+            self.stats.skip("decode", url, key, str(exc))
             return False
+        except SizeError as exc:
+            refuse_size(spec, self.stats, url, key, str(exc))
+            return False
+        if self.stats.guard is not None:
+            self.stats.guard.good()
         if self.num_attrs:
-            batch["attrs"][row] = np.frombuffer(sample[ATTRS_EXT], "<f4")
-        key = sample["__key__"]
-        batch["index"][row] = key_index(key)
+            batch["attrs"][row] = sample["__labels__"]
+        batch["index"][row] = sample_index(sample)
         if self.with_keys:
             batch["key"].append(key)
         batch["rows"] = row + 1
         return True
 
     def put_many(self, batch: dict, samples: list[dict], flips: np.ndarray | None = None) -> None:
-        """Fill the next rows from ``samples``. Raw images (length-checked before they got here)
-        go in with one vectorised copy per batch, not one per sample; encoded ones one by one,
-        skipping (and counting) those that do not decode."""
+        """Fill the next rows from ``samples``. Raw images of the target size (length-checked before
+        they got here) go in with one vectorised copy per batch, not one per sample; others one by
+        one, skipping (and counting) those that cannot be used."""
         if flips is None:
             flips = np.zeros(len(samples), bool)
-        if self.fmt != "u8":
+        n = len(samples)
+        if n == 0:
+            return
+        if not all(x["__image__"] == "u8" and len(x["u8"]) == self.image_bytes for x in samples):
             for sample, flip in zip(samples, flips):
                 self.put(batch, sample, bool(flip))
             return
-        row, n = batch["rows"], len(samples)
-        if n == 0:
-            return
+        row = batch["rows"]
         rows = batch["image"][row:row + n]
-        np.concatenate([np.frombuffer(x[self.ext], np.uint8) for x in samples], out=rows.reshape(-1))
+        np.concatenate([np.frombuffer(x["u8"], np.uint8) for x in samples], out=rows.reshape(-1))
         mirrored = np.flatnonzero(flips)
         if len(mirrored):
             rows[mirrored] = rows[mirrored][..., ::-1]
         if self.num_attrs:
-            flat = np.frombuffer(b"".join(x[ATTRS_EXT] for x in samples), "<f4")
-            batch["attrs"][row:row + n] = flat.reshape(n, self.num_attrs)
-        batch["index"][row:row + n] = [key_index(x["__key__"]) for x in samples]
+            batch["attrs"][row:row + n] = np.stack([x["__labels__"] for x in samples])
+        batch["index"][row:row + n] = [sample_index(x) for x in samples]
         if self.with_keys:
             batch["key"].extend(x["__key__"] for x in samples)
         batch["rows"] = row + n

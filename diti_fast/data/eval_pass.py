@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .assembler import BatchAssembler
 from .shard_spec import ShardSpec
 from .skip_stats import SkipStats
-from .shard_reader import check_sample, iter_shard
+from .shard_reader import ShardRead, check_sample
 
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -68,20 +68,24 @@ class EvalPass(IterableDataset):
         start, stop = a + jb * bs, min(a + je * bs, b)
         pending: list[dict] = []  # good samples of the batch being built
         slots = 0  # positions of that batch consumed, good or bad
+        starts = [0, *accumulate(spec.counts)]
         for shard, offset, length in pieces(spec.counts, start, stop):
             url = spec.urls[shard]
             seen = 0
-            for sample in iter_shard(url, stats, skip=offset, limit=length):
+            read = ShardRead(url, stats, skip=offset, limit=length)
+            for sample in read:
+                sample["__pos__"] = starts[shard] + offset + seen
                 seen += 1
-                if check_sample(sample, spec.image_format, spec.num_attrs, spec.image_bytes, stats):
+                if check_sample(sample, spec, stats):
                     pending.append(sample)
                 slots += 1
                 if slots == bs:
                     yield from self._emit(assembler, pending, stats)
                     pending, slots = [], 0
             if seen < length:
-                stats.skip("short_shard", url, None,
-                           f"ends {length - seen} sample(s) before the count in the manifest")
+                if not read.damaged:  # a damaged shard was counted once already, as bad_shard
+                    stats.skip("short_shard", url, None,
+                               f"ends {length - seen} sample(s) before the count in the manifest")
                 # Keep batch boundaries where every other worker and rank expects them.
                 slots += length - seen
                 while slots >= bs:

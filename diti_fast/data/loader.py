@@ -91,11 +91,25 @@ def _check(batch_size: int, rank: int, world_size: int, num_workers: int) -> Non
         raise ValueError("num_workers must be >= 0")
 
 
+def prepare_spec(shards, *, image_size: int | None = None, size_mismatch: str | None = None,
+                 resample: str | None = None, verify: bool = False,
+                 max_consecutive_skips: int | None = None) -> ShardSpec:
+    """Resolve ``shards`` and set how to read them: ``image_size`` (default: the set's own),
+    ``size_mismatch`` ("resize": center crop + ``resample`` filter, "skip", "error"), ``verify``
+    (sha256 of every shard against the manifest before reading; a mismatch is a DataError naming
+    the shard), ``max_consecutive_skips`` (the stall limit)."""
+    spec = ShardSpec.resolve(shards).reading(image_size=image_size, size_mismatch=size_mismatch,
+                                              resample=resample, max_consecutive_skips=max_consecutive_skips)
+    if verify:
+        spec.verify_sha256()
+    return spec
+
+
 def train_loader(shards, batch_size: int, seed: int = 0, epoch_samples: int | None = None, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, hflip: bool = True, start_epoch: int = 0,
                  skip_batches: int = 0, shuffle_buffer: int = 1000, strict: bool = False, *,
                  streams: int = DEFAULT_STREAMS, pin_memory: bool | None = None,
-                 prefetch_factor: int | None = None) -> BatchLoader:
+                 prefetch_factor: int | None = None, **reading) -> BatchLoader:
     """Batches of one training epoch for this rank: ``epoch_samples // world_size // batch_size``
     batches (drop-last), each ``dict(image=uint8 [B,3,H,W], index=int64 [B], attrs=float32 [B,A] | None)``.
 
@@ -103,13 +117,13 @@ def train_loader(shards, batch_size: int, seed: int = 0, epoch_samples: int | No
     independent of ``num_workers``; ``skip_batches=m`` resumes after the first m batches by
     reading past them without decoding. ``shuffle_buffer`` is the number of samples this rank
     holds for shuffling (split over the ``streams`` virtual streams): it bounds loader memory.
+    ``epoch_samples`` defaults to the set's size (without a manifest: one counting pass).
+    ``reading``: the options of ``prepare_spec``.
     """
     _check(batch_size, rank, world_size, num_workers)
-    spec = ShardSpec.resolve(shards)
+    spec = prepare_spec(shards, **reading)
     if epoch_samples is None:
-        if spec.num_samples is None:
-            raise ValueError("epoch_samples is required for shards without a manifest")
-        epoch_samples = spec.num_samples
+        epoch_samples = spec.with_counts().num_samples
     if streams < 1:
         raise ValueError("streams must be >= 1")
     if not spec.urls or spec.num_samples == 0:
@@ -140,14 +154,15 @@ def train_loader(shards, batch_size: int, seed: int = 0, epoch_samples: int | No
 
 def eval_loader(shards, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 strict: bool = False, *, pin_memory: bool | None = None,
-                prefetch_factor: int | None = None) -> BatchLoader:
+                prefetch_factor: int | None = None, **reading) -> BatchLoader:
     """One finite pass, no shuffle, no flip: every sample exactly once across all ranks and
     workers. Batches: ``dict(image, index, attrs, key)``; a batch may be short at the end of a
     rank's range or where bad samples were skipped. ``.num_batches`` is this rank's (upper bound
     on) batch count, ``.max_batches`` the largest over ranks, for engines that pad collectives.
+    ``reading``: the options of ``prepare_spec``.
     """
     _check(batch_size, rank, world_size, num_workers)
-    spec = ShardSpec.resolve(shards).with_counts()
+    spec = prepare_spec(shards, **reading).with_counts()
     units = world_size * max(1, num_workers)
     if len(spec.urls) < units:
         warnings.warn(

@@ -11,16 +11,20 @@ Schema (JSON, one object)::
     attributes    [{name, kind: binary|categorical|continuous, num_classes?, classes?, group?}]
     shards        [{name, num_samples, sha256, bytes}]  (names relative to the manifest)
     source, split, params, fingerprint  (provenance; used for idempotent re-runs)
+
+A manifest may be read from a local path or a URL (``http(s)://…/manifest.json``, ``pipe:…``);
+shard names resolve relative to its location and must stay inside it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
-from .errors import DataFormatError
+from .errors import DataError, DataFormatError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_TAG = "diti-fast-shards"
@@ -34,25 +38,78 @@ def manifest_path(dir_or_file: str | os.PathLike) -> Path:
     return p / MANIFEST_NAME if p.is_dir() else p
 
 
-def read_manifest(dir_or_manifest_path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a manifest; ``shards[i]["path"]`` is added as an absolute path."""
-    path = manifest_path(dir_or_manifest_path)
+def is_remote(location: str) -> bool:
+    return location.startswith("pipe:") or urlparse(location).scheme not in ("", "file")
+
+
+def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a manifest (a directory holding one, its path, or a URL);
+    ``shards[i]["path"]`` is added: an absolute path, or a URL beside the manifest's."""
+    if isinstance(location, str) and is_remote(location):
+        return _read_remote(location)
+    if isinstance(location, str) and location.startswith("file:"):
+        location = location[len("file://"):] if location.startswith("file://") else location[len("file:"):]
+    path = manifest_path(location)
     if not path.is_file():
         hint = ""
-        parent = Path(dir_or_manifest_path)
+        parent = Path(location)
         if parent.is_dir():
             subsets = sorted(d.name for d in parent.iterdir() if (d / MANIFEST_NAME).is_file())
             if subsets:
                 hint = f"; it holds shard sets {', '.join(subsets)} (pass one of those directories)"
         raise FileNotFoundError(f"{path}: no shard manifest{hint}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    validate_manifest(manifest, path)
+    manifest = _parse(path.read_bytes(), path)
     for shard in manifest["shards"]:
         shard["path"] = str((path.parent / shard["name"]).resolve())
     return manifest
+
+
+def _read_remote(url: str) -> dict[str, Any]:
+    from .shard_reader import exit_reason, open_shard  # webdataset's opener
+
+    if url.startswith("pipe:"):
+        raise DataError(f"{url}: a manifest read through pipe: has no location for its shard names; "
+                        "list the shards themselves (e.g. 'pipe:cat dir/shard-{000000..000009}.tar')")
+    stream = open_shard(url)
+    try:
+        data = stream.read()
+    except OSError:
+        data = None
+    try:
+        stream.close()
+    except OSError:
+        pass
+    failed = exit_reason(url, stream)
+    if failed is not None or data is None:
+        raise DataError(f"{url}: cannot read the shard manifest: {failed or 'read failed'}")
+    manifest = _parse(data, url)
+    base = url[: url.rfind("/") + 1]
+    for shard in manifest["shards"]:
+        shard["path"] = base + shard["name"]
+    return manifest
+
+
+def _parse(data: bytes, where) -> dict[str, Any]:
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{where}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    validate_manifest(manifest, where)
+    return manifest
+
+
+def check_shard_name(name: Any, where) -> None:
+    """A shard name stays inside the manifest's location: a relative path without '..' segments,
+    no absolute path, no URL scheme (a manifest must not point readers elsewhere)."""
+    if not isinstance(name, str) or not name:
+        raise DataFormatError(f"{where}: shard name {name!r} is not a non-empty string")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (name.startswith(("/", "\\")) or ".." in parts or ":" in name or "~" == name[:1]
+            or (len(name) > 1 and name[1] == ":")):
+        raise DataFormatError(f"{where}: shard name {name!r} leaves the manifest's location "
+                              "(names must be relative, without '..', absolute paths or schemes)")
 
 
 def validate_manifest(manifest: Any, where: str | os.PathLike = "manifest") -> None:
@@ -80,6 +137,7 @@ def validate_manifest(manifest: Any, where: str | os.PathLike = "manifest") -> N
         for key in ("name", "num_samples", "sha256"):
             if key not in shard:
                 fail(f"shards[{i}] missing key {key!r}")
+        check_shard_name(shard["name"], f"{where}: shards[{i}]")
         total += shard["num_samples"]
     if total != manifest["num_samples"]:
         fail(f"shard sample counts add up to {total}, but num_samples is {manifest['num_samples']}")

@@ -17,6 +17,7 @@ streams that other workers emit.
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import Iterator
 
 import numpy as np
@@ -25,8 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .assembler import BatchAssembler
 from .errors import DataError
 from .shard_spec import ShardSpec
-from .skip_stats import SkipStats
-from .shard_reader import check_sample, iter_shard
+from .skip_stats import SkipStats, StallGuard
+from .shard_reader import ShardRead, check_sample
 
 _STREAM_TAG = 0x7D17  # separates these seeds from any other use of the same user seed
 _UNIFORM_BLOCK = 4096
@@ -64,6 +65,7 @@ class _VirtualStream:
     def _source(self) -> Iterator[dict]:
         spec, first, barren = self.spec, True, 0
         n = len(spec.urls)
+        starts = None if spec.counts is None else [0, *accumulate(spec.counts)]
         while True:
             if self._weights is not None:
                 shard = int(self.rng.choice(n, p=self._weights))
@@ -74,14 +76,20 @@ class _VirtualStream:
                 skip = int(self.rng.integers(spec.counts[shard]))
             first = False
             good = 0
-            for sample in iter_shard(spec.urls[shard], self.stats, skip=skip):
-                if check_sample(sample, spec.image_format, spec.num_attrs, spec.image_bytes, self.stats):
+            read = ShardRead(spec.urls[shard], self.stats, skip=skip)
+            base = None if starts is None else starts[shard] + skip
+            for i, sample in enumerate(read):
+                sample["__pos__"] = -1 if base is None else base + i  # storage position, for foreign keys
+                if check_sample(sample, spec, self.stats):
                     good += 1
+                    if sample["__image__"] == "u8":  # fully checked: usable (others once decoded)
+                        self.stats.guard.good()
                     yield sample
             # A shard yielding nothing is dead weight; if it keeps happening, the set is unusable.
             barren = 0 if good else barren + 1
             if barren > 8 + 2 * n:
-                raise DataError(f"no readable samples after {barren} shard reads in a row (e.g. {spec.urls[shard]})")
+                why = self.stats.examples[-1] if self.stats.examples else f"{spec.urls[shard]}: no samples"
+                raise DataError(f"no readable samples after {barren} shard reads in a row; last: {why}")
 
     def _next(self) -> dict:
         buf = self.buffer
@@ -97,20 +105,42 @@ class _VirtualStream:
 
     def skip_batch(self) -> None:
         """Advance exactly as ``next_batch`` would, without decoding (resume, foreign batches)."""
-        self._flips()
-        for _ in range(self.batch_size):
-            self._next()
+        muted, self.stats.muted = self.stats.muted, True
+        try:
+            self._flips()
+            for _ in range(self.batch_size):
+                self._next()
+        finally:
+            self.stats.muted = muted
         self.batches_done += 1
 
     def next_batch(self) -> dict:
         flips = self._flips()
         batch = self.assembler.start(self.batch_size)
         self.assembler.put_many(batch, [self._next() for _ in range(self.batch_size)], flips)
-        while batch["rows"] < self.batch_size:
-            # A sample that failed to decode (PNG/JPEG) is replaced by the next one.
-            self.assembler.put(batch, self._next(), bool(flips[batch["rows"]]))
+        self._refill(batch, flips)
         self.batches_done += 1
         return self.assembler.finish(batch)
+
+    def _refill(self, batch: dict, flips: np.ndarray) -> None:
+        """Rows left empty by samples that failed to decode get buffered samples, read but not
+        consumed: topping the buffer up to its size is what the next draw would do anyway, so the
+        stream's position does not change. Only if the whole buffer fails does it consume more."""
+        tried = 0
+        while batch["rows"] < self.batch_size:
+            flip = bool(flips[batch["rows"]])
+            buf = self.buffer
+            if tried >= len(buf) and len(buf) < self.buffer_size:
+                buf.append(next(self._samples))
+            if tried < len(buf):
+                candidate, tried = buf[tried], tried + 1
+                muted, self.stats.muted = self.stats.muted, True  # counted when it is drawn itself
+                try:
+                    self.assembler.put(batch, candidate, flip)
+                finally:
+                    self.stats.muted = muted
+            else:
+                self.assembler.put(batch, self._next(), flip)
 
 
 class TrainStream(IterableDataset):
@@ -133,6 +163,7 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         w, k = (info.id, info.num_workers) if info is not None else (0, 1)
         stats = SkipStats(self.strict)
+        stats.guard = StallGuard(self.spec.max_consecutive_skips)
         assembler = BatchAssembler(self.spec, stats)
         streams: dict[int, _VirtualStream] = {}
         for j in range(self.skip_batches + w, self.num_batches, k):

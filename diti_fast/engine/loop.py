@@ -38,6 +38,7 @@ import torch.distributed as dist
 import yaml
 
 from diti_fast.config import ConfigError
+from diti_fast.data.errors import DataError
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
 from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
@@ -228,7 +229,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                 ips = (step - step_log) * cfg.data.batch_size / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
                 record = {"step": step, "images": step * cfg.data.batch_size, **stats, "images_per_s": ips,
-                          "peak_memory_bytes": peak_memory_bytes(device), "lr": lr}
+                          "peak_memory_bytes": peak_memory_bytes(device), "lr": lr, **data.log_fields()}
                 logger.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}",
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None, prog: str = "diti_fast/train.py") -> int
         return 0
     try:
         result = train(cfg)
-    except (ConfigError, CheckpointError, ckpt.ResumeError) as e:
+    except (ConfigError, CheckpointError, ckpt.ResumeError, DataError) as e:  # DataError: unusable data
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteLoss as e:

@@ -56,7 +56,16 @@ class DataSection:
     # drawn from the seed, reused every step and split by rank (tests, benchmarks: the global
     # batch is the same whatever the number of ranks).
     source: Literal["shards", "fixed"] = "shards"
-    shards: str = ""               # a shard directory holding manifest.json
+    # A shard directory holding manifest.json, a manifest path or URL (http(s)://…/manifest.json),
+    # a brace pattern or a list of paths/URLs (pipe:CMD, http(s)://, file:); see docs/data.md.
+    shards: str | list[str] = ""
+    num_samples: int = 0           # epoch size for a set without a manifest; 0 = one counting pass
+    verify: bool = False           # sha256 of every shard against the manifest before training
+    # An image of another size than the model's: "resize" (center crop + resample filter), "skip"
+    # (skipped and counted), "error" (stop with the shard and sample named).
+    size_mismatch: Literal["resize", "skip", "error"] = "resize"
+    resample: Literal["bicubic", "bilinear", "lanczos", "box", "nearest"] = "bicubic"
+    max_consecutive_skips: int = 1000  # a stream this many samples in a row without a usable one stops
     batch_size: int = 128          # GLOBAL batch per optimiser step (ranks × accumulation × micro)
     num_workers: int = 4
     hflip: bool = True
@@ -216,6 +225,8 @@ class TrainConfig:
                               "directory (one holding manifest.json), e.g. data.shards=runs/demo/data/train")
         if self.data.num_workers < 0 or self.data.shuffle_buffer < 1:
             raise ConfigError(f"{w}.data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
+        if self.data.num_samples < 0 or self.data.max_consecutive_skips < 1:
+            raise ConfigError(f"{w}.data.num_samples must be >= 0 and data.max_consecutive_skips >= 1")
         if self.stage == "diti":
             if not self.init.ddpm:
                 raise ConfigError(f"{w}.init.ddpm is empty: stage 'diti' needs the frozen DDPM (a ddpm-stage "
@@ -375,7 +386,8 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 
 # Keys that may change between a run and its resumption: how long, how it logs, how it saves.
-RESUME_MUTABLE = ("run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "log.", "checkpoint.",
+RESUME_MUTABLE = ("run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "data.verify",
+                  "data.max_consecutive_skips", "log.", "checkpoint.",
                   "debug.", "fast.compile", "fast.compile_mode", "guard.", "init.ddpm")
 
 

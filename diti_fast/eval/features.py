@@ -56,20 +56,31 @@ def run_dir_of(run: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- data
 
+_COUNTED: dict = {}  # manifest-less sets already counted in this process (a full pass each time otherwise)
+
+
 def shard_spec(shards: str | Path):
-    """Image size, attributes and counts of a shard set (a manifest directory, pattern or list)."""
+    """Image size, attributes and counts of a shard set (a manifest directory or URL, a pattern or
+    a list of paths/URLs; see docs/data.md)."""
     from ..data import ShardSpec
-    return ShardSpec.resolve(str(shards) if isinstance(shards, Path) else shards).with_counts()
+    key = repr(shards)
+    if key in _COUNTED:
+        return _COUNTED[key]
+    spec = ShardSpec.resolve(str(shards) if isinstance(shards, Path) else shards).with_counts()
+    if spec.manifest is None:
+        _COUNTED[key] = spec
+    return spec
 
 
-def iter_batches(shards: str | Path, batch_size: int = 256, num_workers: int = 0):
-    """The shard set's ordered evaluation pass (no augmentation), as (positions, uint8 images, attrs).
+def iter_batches(shards: str | Path, batch_size: int = 256, num_workers: int = 0, image_size: int | None = None):
+    """The shard set's ordered evaluation pass (no augmentation), as (positions, uint8 images, attrs),
+    images at ``image_size`` (default: the set's own; others are center-cropped and resized on load).
 
     A position is the sample's number in storage order (the loader's ``index``), so it stays the same
     when the loader skips a corrupt sample."""
     from ..data import eval_loader
     n = 0
-    loader = eval_loader(str(shards) if isinstance(shards, Path) else shards, batch_size=batch_size,
+    loader = eval_loader(shard_spec(shards).reading(image_size=image_size), batch_size=batch_size,
                          num_workers=num_workers)
     for batch in loader:
         imgs = batch["image"]
@@ -127,13 +138,14 @@ class FeatureSet:
 def extract_features(encoder, shards: str | Path, device="cpu", batch_size: int = 256,
                      max_samples: int | None = None, num_workers: int = 0) -> FeatureSet:
     spec = shard_spec(shards)
-    size = spec.image_size
-    if getattr(encoder, "image_size", size) != size:
-        raise EvalError(f"{shards} holds {size}x{size} images but the encoder {encoder.name!r} expects "
-                        f"{encoder.image_size}x{encoder.image_size}")
+    size = getattr(encoder, "image_size", spec.image_size)
+    if spec.manifest is not None and spec.image_size != size:  # a made set of another size: likely the wrong one
+        raise EvalError(f"{shards} holds {spec.image_size}x{spec.image_size} images but the encoder "
+                        f"{encoder.name!r} expects {size}x{size}")
+    # Without a manifest (other tools' shards, often of mixed sizes) images are resized on load.
     encoder.eval()
     zs, ys, ps, n = [], [], [], 0
-    for pos, imgs, attrs in iter_batches(shards, batch_size, num_workers):
+    for pos, imgs, attrs in iter_batches(shards, batch_size, num_workers, image_size=size):
         if max_samples is not None:
             keep = max_samples - n
             pos, imgs, attrs = pos[:keep], imgs[:keep], attrs[:keep]

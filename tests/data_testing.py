@@ -1,0 +1,87 @@
+"""Helpers of the data tests: a real HTTP server, a tiny engine config, hand-built tar shards.
+
+``ShardServer``: a real HTTP server on 127.0.0.1 (a free port) serving a directory. ``drop``:
+{URL path: bytes} — those files are announced with their full Content-Length, but the connection
+is closed after that many bytes (a download that dies mid-shard). ``hits`` counts GETs per path.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import tarfile
+import threading
+from collections import Counter
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    drop: dict = {}
+    hits: Counter = Counter()
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def do_GET(self):
+        self.hits[self.path] += 1
+        super().do_GET()
+
+    def copyfile(self, source, outputfile):
+        cut = self.drop.get(self.path)
+        if cut is None:
+            return super().copyfile(source, outputfile)
+        outputfile.write(source.read(cut))
+        outputfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(2)  # the peer sees the connection end before Content-Length bytes
+
+
+class ShardServer:
+    def __init__(self, root: Path, drop: dict | None = None):
+        self.hits: Counter = Counter()
+        handler = type("Handler", (_Handler,), {"drop": dict(drop or {}), "hits": self.hits})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        self.httpd.handle_error = lambda *args: None  # clients that stop reading early are normal here
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ShardServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def tiny_config(run_dir, *overrides: str):
+    """The engine tests' tiny run (32-channel UNet, batch 4, one thread), reading shards."""
+    from test_train_engine import TINY  # one tiny model for all engine tests
+
+    from diti_fast.engine.run_config import apply_overrides, build_config
+    base = ["data.source=shards", "data.num_workers=0", "data.shuffle_buffer=16", "checkpoint.keep=1"]
+    return build_config(apply_overrides(TINY, [f"run.dir={run_dir}", *base, *overrides]), "test")
+
+
+def metrics(run_dir) -> list[dict]:
+    import json
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_tar(path, members) -> Path:
+    """A plain tar of (name, bytes) members, in order."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return Path(path)
+
+
+def sample_offsets(path) -> dict[str, int]:
+    """Byte offset of each sample's first header in a tar (to cut a shard between samples)."""
+    out: dict[str, int] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            out.setdefault(m.name.split(".", 1)[0], m.offset)
+    return out

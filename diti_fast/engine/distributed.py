@@ -100,6 +100,8 @@ def agree(what: str, error: BaseException | str | None = None, payload=None,
     until the process-group timeout (30 minutes). Returns the payloads of all ranks, by rank.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        if isinstance(error, exc):
+            raise error  # alone: the error itself, its type kept
         if error is not None:
             raise exc(f"{what}: {_describe(error)}")
         return [payload]

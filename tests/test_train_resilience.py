@@ -1,0 +1,338 @@
+"""Preemption and failure: launcher signals, verified checkpoints with fall-back, agreed failures,
+the run-directory lock, elastic resume (ranks and ZeRO stage), a 2-node simulation on localhost.
+
+Multi-process runs go through the real launchers (torchrun, DeepSpeed's per-node launcher) on
+DeepSpeed's CPU accelerator with tiny DDPM-stage models, so each launch is a few seconds of
+training after ~10 s of start-up.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diti_fast.engine import checkpoints as ckpt
+from diti_fast.engine import run_lock
+from diti_fast.engine.loop import train
+from diti_fast.engine.run_config import apply_overrides, build_config
+from diti_fast.engine.sample_log import read_indices
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "diti_fast" / "train.py")
+
+TINY = {
+    "stage": "ddpm",
+    "preset": "tiny",   # as the config files the launchers read say
+    "model": {"unet": {"base_channel": 32, "channel_multiplier": [1, 2], "num_residual_blocks_of_a_block": 1,
+                       "attention_resolutions": [2], "num_heads": 1, "dropout": 0.0}},
+    "run": {"threads": 1, "seed": 5},
+    "data": {"source": "fixed", "batch_size": 8, "image_size": 16, "num_workers": 0},
+    "optim": {"lr": 1e-3, "scale_lr_by_batch": False},
+    "ema": {"decay": 0.9},
+    "log": {"every": 1, "progress": False, "tensorboard": False},
+    "checkpoint": {"every": 0, "keep": 3},
+    "debug": {"sample_log": True},
+}
+
+
+def tiny(run_dir: Path, *overrides: str):
+    return build_config(apply_overrides(TINY, [f"run.dir={run_dir}", *overrides]), "test")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+def _config_file(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(config: Path, *overrides: str, nproc: int = 2, extra=()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *extra,
+            SCRIPT, "--config", str(config), *overrides]
+
+
+def deepspeed_launch(config: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    """DeepSpeed's per-node launcher (what ``deepspeed`` runs on every node); on SIGTERM it sends
+    SIGTERM to the whole process tree, DataLoader workers included, then SIGKILL after 30 s."""
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
+    return [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--node_rank=0",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", SCRIPT, "--config", str(config),
+            *overrides]
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _steps_logged(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+
+
+def run_and_signal(cmd: list[str], cwd: Path, run_dir: Path, after_step: int, timeout: int = 240):
+    """Start a launcher, send it SIGTERM once the run has logged ``after_step`` steps."""
+    log = open(cwd / f"launch-{time.monotonic_ns()}.log", "w+")
+    proc = subprocess.Popen(cmd, env=_env(), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while _steps_logged(run_dir) < after_step:
+        assert proc.poll() is None, f"ended before step {after_step}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    log.seek(0)
+    return rc, log.read()
+
+
+def _tree_equal(a, b, path="") -> list[str]:
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b) else [path]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            return [path + " (keys)"]
+        return [d for k in a for d in _tree_equal(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [path + " (len)"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _tree_equal(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ============================================================================ launcher signals
+
+@pytest.mark.slow
+def test_sigterm_to_either_launcher_stops_all_ranks_at_one_step_and_resume_is_bit_identical(tmp_path):
+    # Shards with a DataLoader worker per rank, ZeRO-2, dropout: a resume must restore weights,
+    # EMA, partitioned Adam state, per-rank RNG and the data position.
+    from data_shards.synthetic import make_synthetic_shards
+    shards = tmp_path / "shards"
+    make_synthetic_shards(shards, 32, image_size=16, seed=0, maxcount=8)
+    cfg = apply_overrides(TINY, [f"data.shards={shards}", "data.source=shards", "data.image_size=0",
+                                 "data.num_workers=1", "data.shuffle_buffer=8", "deepspeed.zero_stage=2",
+                                 "model.unet.dropout=0.1", "run.max_images=160"])   # 20 steps
+    config = _config_file(tmp_path, cfg)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ref = run(torchrun(config, f"run.dir={full}"), tmp_path)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-4000:]
+
+    def stopped_at(rc, out, launched) -> int:
+        status = json.loads((cut / "status.json").read_text())
+        assert status["status"] == "stopped" and status["reason"] == "signal", (status, out[-4000:])
+        step = status["step"]
+        assert 0 < step < 20
+        # One checkpoint per stop, holding both ranks' state at that step.
+        assert [s for s, _ in ckpt.checkpoint_dirs(cut / "checkpoints")] == launched + [step], out[-3000:]
+        ranks = [_load(cut / f"checkpoints/step-{step:08d}/rank-{r:05d}.pt") for r in (0, 1)]
+        assert [s["step"] for s in ranks] == [step, step]
+        # Every rank trained up to that step and not beyond.
+        recs = [json.loads(line) for r in (0, 1)
+                for line in (cut / f"debug/samples-rank{r:05d}.jsonl").read_text().splitlines()]
+        assert {max(x["step"] for x in recs if x["rank"] == r) for r in (0, 1)} == {step}
+        assert "DataLoader worker" not in out, out[-3000:]   # no worker died of the signal
+        return step
+
+    # 1. torchrun: SIGTERM to the launcher only; it forwards SIGTERM to the ranks.
+    rc, out = run_and_signal(torchrun(config, f"run.dir={cut}", "debug.step_sleep_s=0.3"), tmp_path, cut, 3)
+    s1 = stopped_at(rc, out, [])
+    # 2. DeepSpeed's launcher, resuming: SIGTERM to it reaches every process of the tree, the
+    #    DataLoader workers too (which ignore it; the ranks checkpoint and stop).
+    rc, out = run_and_signal(deepspeed_launch(config, f"run.dir={cut}", "debug.step_sleep_s=0.3"), tmp_path, cut,
+                             s1 + 2)
+    assert "resumed from" in out and "DataLoader worker" not in out, out[-4000:]
+    s2 = stopped_at(rc, out, [s1])
+    assert s2 > s1
+    # 3. Relaunch: finishes; bit-identical to the uninterrupted run.
+    done = run(torchrun(config, f"run.dir={cut}"), tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert json.loads((cut / "status.json").read_text())["status"] == "done"
+    for name in ("model.pt", "rank-00000.pt", "rank-00001.pt"):
+        diffs = _tree_equal(_load(full / "checkpoints/step-00000020" / name),
+                            _load(cut / "checkpoints/step-00000020" / name))
+        assert diffs == [], f"{name} differs at {diffs[:5]}"
+    assert sorted(read_indices(cut)) == list(range(20 * 8))  # no global sample index twice or skipped
+    assert not (cut / run_lock.LOCK_NAME).exists()
+
+
+# ============================================================================ failures agreed by all ranks
+
+@pytest.mark.slow
+def test_disk_full_on_rank_1_during_a_save_stops_both_ranks_with_one_error(tmp_path):
+    config = _config_file(tmp_path, apply_overrides(TINY, ["run.max_images=32", "checkpoint.every=2",
+                                                           "debug.fail_save_rank=1"]))
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = run(torchrun(config, f"run.dir={run_dir}"), tmp_path, timeout=180)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    # Both ranks exit with the same message naming rank 1 and the errno (no rank hangs: the
+    # process-group timeout is 30 minutes; the whole launch took `elapsed`).
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: checkpoint")]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-4000:]
+    assert "rank 1" in errors[0] and "No space left on device" in errors[0] and "rank 0 (" not in errors[0]
+    assert "exitcode  : 4" in proc.stderr or "exit code 4" in proc.stderr or proc.stderr.count(": 4") >= 1
+    assert elapsed < 120
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "No space left on device" in status["error"]
+    assert ckpt.checkpoint_dirs(run_dir / "checkpoints") == []  # nothing half-written in place
+    assert _steps_logged(run_dir) == 2
+
+
+# ============================================================================ verified resume, fall-back
+
+def test_resume_falls_back_past_a_broken_checkpoint_and_refuses_when_none_is_complete(tmp_path, capsys):
+    base = tmp_path / "base"
+    train(tiny(base, "run.max_images=24", "checkpoint.every=1"))   # checkpoints at steps 1, 2, 3
+    meta = json.loads((base / "checkpoints/step-00000003/meta.json").read_text())
+    listed = meta["files"]["rank-00000.pt"]
+    assert listed["bytes"] == (base / "checkpoints/step-00000003/rank-00000.pt").stat().st_size
+    assert len(listed["sha256"]) == 64 and set(meta["files"]) == {"model.pt", "rank-00000.pt", "optimizer-full.pt"}
+    reference = tmp_path / "reference"
+    shutil.copytree(base, reference)
+    assert train(tiny(reference, "run.max_images=32", "checkpoint.every=0")).step == 4
+    capsys.readouterr()
+
+    def resume(broken: Path):
+        res = train(tiny(broken, "run.max_images=32", "checkpoint.every=0"))
+        return res, capsys.readouterr().out
+
+    # A truncated rank file in the newest checkpoint: resume from step 2, saying why.
+    trunc = tmp_path / "trunc"
+    shutil.copytree(base, trunc)
+    f = trunc / "checkpoints/step-00000003/rank-00000.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    (trunc / "checkpoints/.tmp-step-00000004").mkdir()   # a crashed save's leftovers
+    res, out = resume(trunc)
+    assert "step-00000003" in out and "truncated" in out and "falling back" in out, out
+    assert f"resumed from {trunc / 'checkpoints/step-00000002'}" in out
+    assert res.step == 4 and not (trunc / "checkpoints/.tmp-step-00000004").exists()
+    # Step 3 was redone from step 2: the same weights as resuming from the good step 3.
+    assert _tree_equal(_load(reference / "checkpoints/step-00000004/model.pt"),
+                       _load(trunc / "checkpoints/step-00000004/model.pt")) == []
+
+    # An empty meta.json: the same fall-back, naming meta.json.
+    empty = tmp_path / "empty"
+    shutil.copytree(base, empty)
+    (empty / "checkpoints/step-00000003/meta.json").write_text("")
+    res, out = resume(empty)
+    assert "step-00000003/meta.json is missing or unreadable" in out and res.step == 4
+    assert f"resumed from {empty / 'checkpoints/step-00000002'}" in out
+
+    # Nothing complete: a clear error listing every checkpoint and what is wrong with it.
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    for step in (1, 2, 3):
+        (broken / f"checkpoints/step-{step:08d}/meta.json").write_text("")
+    with pytest.raises(ckpt.ResumeError, match=r"no complete checkpoint in .*step-00000003.*step-00000001") as e:
+        train(tiny(broken, "run.max_images=32"))
+    assert "meta.json" in str(e.value)
+    assert not (broken / run_lock.LOCK_NAME).exists()  # the lock is released on the way out
+
+
+# ============================================================================ the run-directory lock
+
+def test_a_second_job_on_a_run_dir_is_refused_and_a_stale_lock_replaced(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / run_lock.LOCK_NAME
+    host = socket.gethostname()
+    # A live job (this test process) holds it.
+    lock.write_text(json.dumps({"host": host, "pid": os.getpid(), "started": time.time(), "token": "t"}))
+    with pytest.raises(run_lock.RunDirBusy, match=rf"in use by pid {os.getpid()} on host {host}"):
+        train(tiny(run_dir, "run.max_images=8"))
+    assert lock.exists() and not (run_dir / "config.yaml").exists()
+    # Another host, heartbeat fresh: refused; heartbeat older than STALE_S: stale.
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": time.time(), "token": "t"}))
+    with pytest.raises(run_lock.RunDirBusy, match="elsewhere"):
+        train(tiny(run_dir, "run.max_images=8"))
+    old = time.time() - run_lock.STALE_S - 10
+    os.utime(lock, (old, old))
+    assert train(tiny(run_dir, "run.max_images=8")).status == "done"
+    assert "replaced a stale lock" in capsys.readouterr().out and not lock.exists()
+    # A job on this host that is gone (its pid no longer exists): stale at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": host, "pid": dead.pid, "started": time.time(), "token": "t"}))
+    assert train(tiny(run_dir, "run.max_images=16")).step == 2
+    assert f"pid {dead.pid} on this host is gone" in capsys.readouterr().out
+
+
+# ============================================================================ elastic resume, 2 nodes
+
+ELASTIC = apply_overrides(TINY, ["model.unet.base_channel=64", "deepspeed.grad_accum=2"])
+# 64 channels: two per GroupNorm group (see tests/test_train_dist.py: with one, Adam amplifies the
+# rounding noise of identically-zero bias gradients, and runs summing in another order drift by ~lr).
+
+
+def two_node_agents(config: Path, *overrides: str) -> list[list[str]]:
+    """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "resilience",
+             "--node_rank", str(node), SCRIPT, "--config", str(config), *overrides] for node in (0, 1)]
+
+
+@pytest.mark.slow
+def test_elastic_resume_1_to_2_nodes_to_1_rank_across_zero_stages(tmp_path):
+    # 1 rank ZeRO-0 (steps 1-2) -> 2 nodes x 1 rank ZeRO-2 (3-4) -> 1 rank ZeRO-1 (5-6), against one
+    # uninterrupted process: parameters within 1e-5, every global sample index trained once.
+    ref, run_dir = tmp_path / "ref", tmp_path / "elastic"
+    train(build_config(apply_overrides(ELASTIC, [f"run.dir={ref}", "run.max_images=48"]), "test"))
+
+    first = train(build_config(apply_overrides(ELASTIC, [f"run.dir={run_dir}", "run.max_images=16"]), "test"))
+    assert first.step == 2
+    config = _config_file(tmp_path, ELASTIC)
+    agents = [subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+              for cmd in two_node_agents(config, f"run.dir={run_dir}", "run.max_images=32", "deepspeed.zero_stage=2")]
+    outs = [a.communicate(timeout=240) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][0][-2000:] + outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "ranks=2" in outs[0][0] and "resumed from" in outs[0][0] and "zero=2" in outs[0][0]
+    meta = json.loads((run_dir / "checkpoints/step-00000004/meta.json").read_text())
+    assert (meta["world_size"], meta["zero_stage"]) == (2, 2)
+
+    last = train(build_config(apply_overrides(ELASTIC, [f"run.dir={run_dir}", "run.max_images=48",
+                                                        "deepspeed.zero_stage=1"]), "test"))
+    assert last.status == "done" and last.step == 6
+
+    a = _load(ref / "checkpoints/step-00000006/model.pt")
+    b = _load(run_dir / "checkpoints/step-00000006/model.pt")
+    for part in ("module", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=0, atol=1e-5, msg=f"{part}.{k}")
+    sa = _load(ref / "checkpoints/step-00000006/optimizer-full.pt")["state"]
+    sb = _load(run_dir / "checkpoints/step-00000006/optimizer-full.pt")["state"]
+    assert set(sa) == set(sb) and {s["step"] for s in sb.values()} == {6.0}
+    for k in sa:
+        torch.testing.assert_close(sb[k]["exp_avg"], sa[k]["exp_avg"], rtol=0, atol=1e-5)
+    indices = read_indices(run_dir)
+    assert sorted(indices) == list(range(6 * 8)), "a global sample index was trained twice or skipped"

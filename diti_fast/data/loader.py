@@ -48,6 +48,10 @@ class BatchLoader:
             self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, persistent_workers=False,
             worker_init_fn=_ignore_stop_signals,
+            # Each new iterator draws a base seed from this generator: the global one would shift
+            # the trainer's dropout stream at every epoch start (and a resumed run's at another
+            # point). The streams seed themselves from (seed, epoch, rank, ...) and ignore it.
+            generator=torch.Generator(),
         ))
         try:
             yield from batches

@@ -27,6 +27,7 @@ from diti_fast.engine import run_lock
 from diti_fast.engine.loop import train
 from diti_fast.engine.run_config import apply_overrides, build_config
 from diti_fast.engine.sample_log import read_indices
+from test_train_engine import _tree_equal  # noqa: E402 - tests/ is on sys.path (no __init__.py)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "diti_fast" / "train.py")
@@ -108,20 +109,6 @@ def run_and_signal(cmd: list[str], cwd: Path, run_dir: Path, after_step: int, ti
     rc = proc.wait(timeout=120)
     log.seek(0)
     return rc, log.read()
-
-
-def _tree_equal(a, b, path="") -> list[str]:
-    if isinstance(a, torch.Tensor):
-        return [] if isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b) else [path]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or set(a) != set(b):
-            return [path + " (keys)"]
-        return [d for k in a for d in _tree_equal(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return [path + " (len)"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _tree_equal(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path]
 
 
 def _load(path: Path) -> dict:

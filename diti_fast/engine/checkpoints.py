@@ -46,6 +46,10 @@ class ResumeError(RuntimeError):
     """A checkpoint exists but cannot be resumed into this launch (names what differs)."""
 
 
+class IncompatibleCheckpoint(ResumeError):
+    """A sound checkpoint that cannot serve this launch (an older one would not either)."""
+
+
 class CheckpointSaveError(RankFailure):
     """Writing a checkpoint failed on some rank (disk full, permissions); raised on every rank."""
 
@@ -256,11 +260,11 @@ def files_needed(meta: dict, ckpt: Path, *, rank: int, world_size: int, zero_sta
     A checkpoint that is fine but cannot serve this launch raises (no fall-back: an older one
     would not serve it either)."""
     if meta.get("stage") != stage:
-        raise ResumeError(f"cannot resume from {ckpt}: stage was {meta.get('stage')!r}, now {stage!r}")
+        raise IncompatibleCheckpoint(f"cannot resume from {ckpt}: stage was {meta.get('stage')!r}, now {stage!r}")
     if same_layout(meta, world_size, zero_stage):
         return ["model.pt", f"rank-{rank:05d}.pt"]
     if elastic.FILE not in meta["files"]:
-        raise ResumeError(
+        raise IncompatibleCheckpoint(
             f"cannot resume from {ckpt}: it was written by {meta.get('world_size')} ranks at ZeRO stage "
             f"{meta.get('zero_stage')} without {elastic.FILE} (checkpoint.elastic=false), and this launch "
             f"has {world_size} ranks at stage {zero_stage}; relaunch with the old layout")
@@ -278,25 +282,25 @@ def select_checkpoint(root: Path, *, rank: int, world_size: int, zero_stage: int
     found = checkpoint_dirs(root)
     problems = []
     for _, path in reversed(found):
-        err, meta = None, None
+        problem, fatal, meta = None, False, None
         try:
             meta = read_meta(path)
             names = files_needed(meta, path, rank=rank, world_size=world_size, zero_stage=zero_stage, stage=stage)
             verify(path, meta, names)
-        except ResumeError as e:
-            err = e
-        except OSError as e:
-            err = ResumeError(f"{path}: {e}")
-        try:
-            agree(f"verifying {path}", err, exc=ResumeError)
-        except ResumeError as e:
-            if "cannot resume from" in str(e):
-                raise
-            problems.append(str(e))
-            if rank == 0:
-                print(f"[diti-fast] warning: {e}; falling back to the previous checkpoint", flush=True)
-            continue
-        return path, meta
+        except IncompatibleCheckpoint as e:
+            problem, fatal = str(e), True
+        except (ResumeError, OSError) as e:
+            problem = str(e)
+        bad = [(r, p, f) for r, (p, f) in enumerate(agree(f"verifying {path}", payload=(problem, fatal)))
+               if p is not None]
+        if not bad:
+            return path, meta
+        why = "; ".join(p if world_size == 1 else f"rank {r}: {p}" for r, p, _ in bad)
+        if any(f for _, _, f in bad):
+            raise ResumeError(why)
+        problems.append(why)
+        if rank == 0:
+            print(f"[diti-fast] warning: {why}; falling back to the previous checkpoint", flush=True)
     if problems:
         raise ResumeError(f"no complete checkpoint in {root} to resume from: " + " | ".join(problems) +
                           " (move the broken ones away, or set a new run.dir to start afresh)")
@@ -319,7 +323,7 @@ def save_checkpoint(cfg, run_dir: Path, engine, ema, data, step: int, rank: int,
     """The whole training state at ``step`` (collective): model + EMA on rank 0, optimiser/RNG/data per rank."""
     files = {f"rank-{rank:05d}.pt": {"optimizer": weights_only_part(engine.optimizer.state_dict()),
                                      "rng": rng_state(), "data": dict(data.position), "step": step}}
-    full = elastic.full_optimizer_state(engine, _param_names(engine)) if cfg.checkpoint.elastic else None
+    full = elastic.full_optimizer_state(engine, _param_names(engine), rank) if cfg.checkpoint.elastic else None
     if rank == 0:
         files["model.pt"] = {"module": engine.module.state_dict(), "ema": ema.state_dict()}
         if full is not None:

@@ -36,10 +36,13 @@ def _fragments(params):
         offset += p.numel()
 
 
-def full_optimizer_state(engine, names: dict[int, str]) -> dict:
-    """Collective under ZeRO: ``{"state": {name: {exp_avg, exp_avg_sq, step}}}``, fp32 on the CPU."""
+def full_optimizer_state(engine, names: dict[int, str], rank: int) -> dict | None:
+    """Collective under ZeRO: ``{"state": {name: {exp_avg, exp_avg_sq, step}}}``, fp32 on the CPU,
+    on rank 0 (the writer); None elsewhere."""
     out = {}
     if not _zero(engine):
+        if rank != 0:
+            return None
         opt = engine.optimizer
         for group in opt.param_groups:
             for p in group["params"]:
@@ -60,16 +63,16 @@ def full_optimizer_state(engine, names: dict[int, str]) -> dict:
                 for k, key in enumerate(KEYS):
                     buf[k, off + lp:off + lp + n] = st[key][hp:hp + n]
         # Every element lives on exactly one rank (zeros elsewhere): a sum gathers them.
-        dist.all_reduce(buf, group=opt.real_dp_process_group[i])
-        step = torch.tensor(float(st["step"]) if st else 0.0, device=flat.device)
-        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=opt.real_dp_process_group[i])
-        if float(step) == 0:
-            continue  # no optimiser step taken yet: Adam has no state
+        group = opt.real_dp_process_group[i]
+        dist.reduce(buf, dst=dist.get_global_rank(group, 0), group=group)
+        step = float(st["step"]) if st else 0.0
+        if rank != 0 or step == 0:
+            continue  # not the writer, or no optimiser step taken yet (Adam has no state)
         buf = buf.cpu()
         for p, off, _ in _fragments(params):
             out[names[id(p)]] = {**{key: buf[k, off:off + p.numel()].view_as(p).clone() for k, key in enumerate(KEYS)},
                                  "step": float(step)}
-    return {"state": out}
+    return {"state": out} if rank == 0 else None
 
 
 def load_full_optimizer_state(engine, full: dict, names: dict[int, str], where: str) -> None:

@@ -269,6 +269,22 @@ def test_a_second_job_on_a_run_dir_is_refused_and_a_stale_lock_replaced(tmp_path
     assert f"pid {dead.pid} on this host is gone" in capsys.readouterr().out
 
 
+def test_a_rank_that_does_not_see_rank_0s_run_dir_is_refused(tmp_path, monkeypatch):
+    # What rank 1 on a node with a node-local run.dir does: it receives rank 0's token (here
+    # through a stand-in for the collective) and does not find it in its own directory.
+    lock = run_lock.RunLock(tmp_path / "shared").acquire()
+    monkeypatch.setattr(run_lock, "agree", lambda what, err=None, payload=None, exc=None:
+                        ([lock.token] if err is None else (_ for _ in ()).throw(exc(err))))
+    try:
+        run_lock.claim(tmp_path / "shared", rank=1)   # sees the same directory: fine
+        from diti_fast.config import ConfigError
+        with pytest.raises(ConfigError, match="not the directory rank 0 locked: checkpoints need a filesystem shared"):
+            run_lock.claim(tmp_path / "node-local", rank=1)
+    finally:
+        lock.release()
+    assert not (tmp_path / "shared" / run_lock.LOCK_NAME).exists()
+
+
 # ============================================================================ elastic resume, 2 nodes
 
 ELASTIC = apply_overrides(TINY, ["model.unet.base_channel=64", "deepspeed.grad_accum=2"])

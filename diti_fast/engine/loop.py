@@ -43,7 +43,7 @@ from diti_fast.engine import run_lock
 from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
 from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
                                      validate_runtime)
-from diti_fast.engine.distributed import (RankFailure, agree, base_optimizer, deepspeed_config, make_optimizer,
+from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed_config, make_optimizer,
                                           setup_distributed)
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.ema import EMA
@@ -81,20 +81,9 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> t
     """Collective. The run-directory lock (rank 0), the check that every rank sees the same
     directory, config conflicts vs. a previous launch, the checkpoint to resume from (newest that
     verifies); writes config.yaml. An error on any rank is raised on all of them."""
-    err, token = None, None
+    run_lock.claim(run_dir, rank)
     if rank == 0:
-        try:
-            lock = run_lock.RunLock(run_dir).acquire()
-            token = lock.token
-            if lock.taken_over:
-                print(f"[diti-fast] {run_dir}: replaced a stale lock {lock.taken_over}", flush=True)
-            ckpt.clean_temp(run_dir / "checkpoints")  # a crashed save's leftovers; safe under the lock
-        except (ConfigError, OSError) as e:
-            err = e
-    token = agree(f"locking run.dir={run_dir}", err, token, exc=ConfigError)[0]
-    agree("checking the run directory", None if run_lock.read_token(run_dir) == token else
-          f"run.dir={run_dir} here is not the directory rank 0 locked: checkpoints need a filesystem "
-          "shared by every node (each rank writes its part of every checkpoint into it)", exc=ConfigError)
+        ckpt.clean_temp(run_dir / "checkpoints")  # a crashed save's leftovers; safe under the lock
     existing = ckpt.checkpoint_dirs(run_dir / "checkpoints")
     if existing and not cfg.checkpoint.resume:
         raise ConfigError(f"run.dir={run_dir} already holds checkpoints (latest {existing[-1][1].name}) but "

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from diti_fast.config import ConfigError
+from diti_fast.engine.distributed import agree
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
@@ -148,6 +149,25 @@ def release_held(error: BaseException | None = None) -> None:
 def read_token(run_dir: Path) -> str | None:
     info = _read(Path(run_dir) / LOCK_NAME)
     return None if info is None else info.get("token")
+
+
+def claim(run_dir: Path, rank: int) -> None:
+    """Collective: rank 0 takes the lock (released by :func:`release_held`), then every rank checks
+    it reads rank 0's token back. A busy directory or a rank that sees another directory stops
+    every rank with the same ConfigError."""
+    err, token = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+            token = lock.token
+            if lock.taken_over:
+                print(f"[diti-fast] {run_dir}: replaced a stale lock {lock.taken_over}", flush=True)
+        except (ConfigError, OSError) as e:
+            err = e
+    token = agree(f"locking run.dir={run_dir}", err, token, exc=ConfigError)[0]
+    agree("checking the run directory", None if read_token(run_dir) == token else
+          f"run.dir={run_dir} here is not the directory rank 0 locked: checkpoints need a filesystem "
+          "shared by every node (each rank writes its part of every checkpoint into it)", exc=ConfigError)
 
 
 def write_status(run_dir: Path, status: str, **fields) -> None:

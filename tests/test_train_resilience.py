@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,19 +97,29 @@ def _steps_logged(run_dir: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
-def run_and_signal(cmd: list[str], cwd: Path, run_dir: Path, after_step: int, timeout: int = 240):
-    """Start a launcher, send it SIGTERM once the run has logged ``after_step`` steps."""
-    log = open(cwd / f"launch-{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen(cmd, env=_env(), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    while _steps_logged(run_dir) < after_step:
-        assert proc.poll() is None, f"ended before step {after_step}"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=120)
+def start(cmd: list[str], cwd: Path, name: str) -> tuple[subprocess.Popen, object]:
+    log = open(cwd / f"{name}.log", "w+")
+    return subprocess.Popen(cmd, env=_env(), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def finish(proc: subprocess.Popen, log, timeout: int = 240) -> tuple[int, str]:
+    rc = proc.wait(timeout=timeout)
     log.seek(0)
     return rc, log.read()
+
+
+def sigterm_after(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> threading.Thread:
+    """In the background: SIGTERM to ``proc`` once the run has logged ``step`` steps (so the test
+    can do other work meanwhile)."""
+    def watch():
+        deadline = time.monotonic() + timeout
+        while _steps_logged(run_dir) < step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def _load(path: Path) -> dict:
@@ -131,12 +142,15 @@ def test_sigterm_to_the_deepspeed_launcher_stops_all_ranks_at_one_step_and_resum
                                  "model.unet.dropout=0.1", "run.max_images=128"])   # 16 steps, 4 epochs
     config = _config_file(tmp_path, cfg)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    ref = run(torchrun(config, f"run.dir={full}"), tmp_path)
-    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-4000:]
-
-    rc, out = run_and_signal(deepspeed_launch(config, f"run.dir={cut}", "debug.step_sleep_s=0.5"), tmp_path, cut, 3)
+    # The uninterrupted reference and the interrupted run side by side (the latter mostly sleeps).
+    ref = start(torchrun(config, f"run.dir={full}"), tmp_path, "full")
+    proc, log = start(deepspeed_launch(config, f"run.dir={cut}", "debug.step_sleep_s=0.5"), tmp_path, "cut")
+    sigterm_after(cut, 3, proc)
+    rc, out = finish(proc, log)
     step = assert_stopped_at_one_step(cut, out, before=[], total=16)
     assert "DataLoader worker" not in out and "Main process received SIGTERM" in out, out[-4000:]
+    rc, ref_out = finish(*ref)
+    assert rc == 0, ref_out[-4000:]
 
     done = run(torchrun(config, f"run.dir={cut}"), tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -306,23 +320,17 @@ def test_elastic_resume_1_rank_to_2_nodes_stopped_by_sigterm_to_torchrun_to_1_ra
     # 1's rank stops at the same step through the agreement) -> 1 rank ZeRO-1 to step 8; against
     # one uninterrupted process: parameters within 1e-5, every global sample index trained once.
     ref, run_dir = tmp_path / "ref", tmp_path / "elastic"
-    train(build_config(apply_overrides(ELASTIC, [f"run.dir={ref}", "run.max_images=64"]), "test"))
     first = train(build_config(apply_overrides(ELASTIC, [f"run.dir={run_dir}", "run.max_images=16"]), "test"))
     assert first.step == 2
 
     config = _config_file(tmp_path, ELASTIC)
-    logs = [open(tmp_path / f"node{n}.log", "w+") for n in (0, 1)]
-    agents = [subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
-              for cmd, log in zip(two_node_agents(config, f"run.dir={run_dir}", "run.max_images=64",
-                                                  "deepspeed.zero_stage=2", "debug.step_sleep_s=0.7"), logs)]
-    deadline = time.monotonic() + 240
-    while _steps_logged(run_dir) < 3:
-        assert all(a.poll() is None for a in agents) and time.monotonic() < deadline
-        time.sleep(0.05)
-    agents[0].send_signal(signal.SIGTERM)
-    for a in agents:
-        a.wait(timeout=120)
-    out = "".join(log.seek(0) or log.read() for log in logs)
+    agents = [start(cmd, tmp_path, f"node{n}") for n, cmd in enumerate(
+        two_node_agents(config, f"run.dir={run_dir}", "run.max_images=64", "deepspeed.zero_stage=2",
+                        "debug.step_sleep_s=0.7"))]
+    sigterm_after(run_dir, 3, agents[0][0])
+    # The uninterrupted reference in this process meanwhile.
+    train(build_config(apply_overrides(ELASTIC, [f"run.dir={ref}", "run.max_images=64"]), "test"))
+    out = "".join(finish(*agent)[1] for agent in agents)
     assert "ranks=2" in out and "resumed from" in out and "zero=2" in out, out[-3000:]
     step = assert_stopped_at_one_step(run_dir, out, before=[2], total=8)
     meta = json.loads((run_dir / f"checkpoints/step-{step:08d}/meta.json").read_text())

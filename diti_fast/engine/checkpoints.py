@@ -58,24 +58,6 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with meta.json), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for d in root.iterdir():
-        m = STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / "meta.json").is_file():
-            out.append((int(m.group(1)), d))
-    return sorted(out)
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1][1] if ckpts else None
-
-
 def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
     """Every ``step-*`` directory, complete or not (resume verifies them), oldest first."""
     root = Path(root)
@@ -88,6 +70,12 @@ def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
 def clean_temp(root: str | Path) -> None:
     """Remove what an interrupted save left (only safe while holding the run-directory lock)."""
     root = Path(root)
+    for old in root.glob(".old-step-*"):
+        # Re-saving a step moves the complete old directory aside first; a crash before the new one
+        # took its place leaves it here: put it back rather than lose that step.
+        final = root / old.name[len(".old-"):]
+        if not final.exists():
+            os.replace(old, final)
     for stale in (*root.glob(".tmp-step-*"), *root.glob(".old-step-*")):
         shutil.rmtree(stale, ignore_errors=True)
 

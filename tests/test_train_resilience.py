@@ -255,6 +255,18 @@ def test_resume_falls_back_past_a_broken_checkpoint_and_refuses_when_none_is_com
     assert not (broken / run_lock.LOCK_NAME).exists()  # the lock is released on the way out
 
 
+def test_leftovers_of_an_interrupted_save_are_cleaned_and_a_moved_aside_step_restored(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in (".tmp-step-00000004", ".old-step-00000003", ".old-step-00000002", "step-00000002"):
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text(name)
+    ckpt.clean_temp(root)
+    # step 3 was moved aside to be re-saved and the crash came before the new one took its place.
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+    assert (root / "step-00000003/meta.json").read_text() == ".old-step-00000003"
+    assert (root / "step-00000002/meta.json").read_text() == "step-00000002"
+
+
 # ============================================================================ the run-directory lock
 
 def test_a_second_job_on_a_run_dir_is_refused_and_a_stale_lock_replaced(tmp_path, capsys):

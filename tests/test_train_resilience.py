@@ -255,6 +255,16 @@ def test_resume_falls_back_past_a_broken_checkpoint_and_refuses_when_none_is_com
     assert not (broken / run_lock.LOCK_NAME).exists()  # the lock is released on the way out
 
 
+def test_the_data_position_maps_to_the_same_number_of_consumed_samples_on_a_new_layout():
+    from diti_fast.engine.elastic import map_position
+    # 2 ranks x micro 2 consumed 6 micro-batches each of epoch 1: 24 samples of it.
+    meta = {"world_size": 2, "micro_batch": 2, "data": {"epoch": 1, "batch": 6}}
+    assert map_position(meta, world=1, micro=4) == {"epoch": 1, "batch": 6}     # 6 x 4 = 24
+    assert map_position(meta, world=4, micro=1) == {"epoch": 1, "batch": 6}     # 6 x 1 x 4 = 24
+    assert map_position(meta, world=3, micro=4) == {"epoch": 1, "batch": 2}     # 24 // 12
+    assert map_position({**meta, "data": {"epoch": 3, "batch": 0}}, world=8, micro=2) == {"epoch": 3, "batch": 0}
+
+
 def test_leftovers_of_an_interrupted_save_are_cleaned_and_a_moved_aside_step_restored(tmp_path):
     root = tmp_path / "checkpoints"
     for name in (".tmp-step-00000004", ".old-step-00000003", ".old-step-00000002", "step-00000002"):

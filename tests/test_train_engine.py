@@ -91,7 +91,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert recs[1]["samples"] == 0  # the NaN step's samples are not averaged into the loss
     # The skipped step moved nothing: Adam's step count is 3 after 4 steps, and step 2's
     # checkpoint was not written (mid-streak) while 1, 3, 4 were (keep=3).
-    names = [p.name for _, p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    names = [p.name for _, p in ckpt.checkpoint_dirs(tmp_path / "checkpoints")]
     assert names == ["step-00000001", "step-00000003", "step-00000004"]
     opt = torch.load(tmp_path / "checkpoints/step-00000004/rank-00000.pt", weights_only=True)["optimizer"]
     steps = {float(s["step"]) for s in opt["base_optimizer_state"]["state"].values()}
@@ -110,7 +110,7 @@ def test_a_run_of_nonfinite_losses_stops_keeping_the_last_good_checkpoint(tmp_pa
     msg = str(e.value)
     assert "3 consecutive steps" in msg and "guard.max_consecutive_nonfinite=3" in msg
     assert "step-00000002" in msg
-    names = [p.name for _, p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    names = [p.name for _, p in ckpt.checkpoint_dirs(tmp_path / "checkpoints")]
     assert names == ["step-00000002"]  # step 4 fell inside the streak: not written
     good = torch.load(tmp_path / "checkpoints/step-00000002/model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in good["module"].values())
@@ -145,14 +145,14 @@ def test_killed_by_a_signal_and_resumed_is_bit_identical(tmp_path, ddpm_export, 
     # the resume must restore weights, EMA, Adam moments, the dropout RNG and the data position.
     common = [f"init.ddpm={ddpm_export}", "data.source=shards", f"data.shards={shards}",
               "model.unet.dropout=0.1", "deepspeed.zero_stage=2", "deepspeed.grad_accum=2",
-              "run.max_images=32", "data.shuffle_buffer=8", "ema.warmup=true"]
+              "run.max_images=32", "data.shuffle_buffer=8", "ema.warmup=true", "data.num_workers=1"]
     full = tmp_path / "full"
     assert train(tiny(full, *common)).status == "done"
 
     cut = tmp_path / "cut"
     first = train(tiny(cut, *common, "debug.signal_at_step=5"))  # SIGTERM to itself after step 5
     assert first.status == "signal" and first.step == 5
-    assert [s for s, _ in ckpt.list_checkpoints(cut / "checkpoints")] == [5]
+    assert [s for s, _ in ckpt.checkpoint_dirs(cut / "checkpoints")] == [5]
     data_pos = torch.load(cut / "checkpoints/step-00000005/rank-00000.pt", weights_only=True)["data"]
     assert data_pos == {"epoch": 1, "batch": 2}  # 10 micro-batches = one epoch of 8, then 2
     second = train(tiny(cut, *common))

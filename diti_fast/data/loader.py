@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 from typing import Iterator
 
@@ -46,6 +47,11 @@ class BatchLoader:
         batches = iter(DataLoader(
             self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
+            # Each new iterator draws a base seed from this generator: the global one would shift
+            # the trainer's dropout stream at every epoch start (and a resumed run's at another
+            # point). The streams seed themselves from (seed, epoch, rank, ...) and ignore it.
+            generator=torch.Generator(),
         ))
         try:
             yield from batches
@@ -74,6 +80,15 @@ class BatchLoader:
             yield item
         self.stats = stats.as_dict()
         stats.warn_summary(self.label)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SIGTERM/SIGINT reach whole jobs (SLURM, the deepspeed launcher's process-tree kill, Ctrl-C).
+    # The main process owns shutdown: it checkpoints, then stops its workers. A worker dying of
+    # the signal first would make it fail with a DataLoader error instead. (A worker whose main
+    # process is gone exits by itself: DataLoader workers watch their parent.)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _as_is(batch):

@@ -79,3 +79,35 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimiser under DeepSpeed's wrapper (ZeRO 1/2 wrap it; stage 0 does not)."""
     opt = engine.optimizer
     return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+
+# --------------------------------------------------------------------------- agreeing on failures
+
+class RankFailure(RuntimeError):
+    """Something failed on at least one rank; raised on every rank with the same message."""
+
+
+def _describe(error: BaseException | str) -> str:
+    return error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+
+
+def agree(what: str, error: BaseException | str | None = None, payload=None,
+          exc: type[Exception] = RankFailure) -> list:
+    """Collective: every rank says whether its part of ``what`` worked (and hands in ``payload``).
+
+    If any rank failed, every rank raises the same ``exc`` naming the failed ranks, their hosts and
+    errors. Without this, the healthy ranks would wait in their next collective for the failed one
+    until the process-group timeout (30 minutes). Returns the payloads of all ranks, by rank.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if isinstance(error, exc):
+            raise error  # alone: the error itself, its type kept
+        if error is not None:
+            raise exc(f"{what}: {_describe(error)}")
+        return [payload]
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (None if error is None else _describe(error), socket.gethostname(), payload))
+    failed = [(r, host, err) for r, (err, host, _) in enumerate(reports) if err is not None]
+    if failed:
+        raise exc(f"{what}: " + "; ".join(f"rank {r} ({host}): {err}" for r, host, err in failed))
+    return [p for _, _, p in reports]

@@ -40,10 +40,13 @@ import yaml
 from diti_fast.config import ConfigError
 from diti_fast.data.errors import DataError
 from diti_fast.engine import checkpoints as ckpt
+from diti_fast.engine import run_lock
 from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
 from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
                                      validate_runtime)
-from diti_fast.engine.distributed import base_optimizer, deepspeed_config, make_optimizer, setup_distributed
+from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed_config, make_optimizer,
+                                          setup_distributed)
+from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.ema import EMA
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
@@ -54,7 +57,8 @@ from diti_fast.weights import CheckpointError, export_path, save_export
 
 EXIT_SIGNAL = 75      # EX_TEMPFAIL: stopped early (signal, time limit) after a checkpoint; relaunch to resume
 EXIT_NONFINITE = 3    # too many consecutive non-finite losses
-EXIT_CONFIG = 2       # bad configuration / input, nothing was done
+EXIT_CONFIG = 2       # bad configuration / input (or no checkpoint to resume), nothing was done
+EXIT_RANK_FAILURE = 4  # a collective step failed on some rank (e.g. a checkpoint write: disk full)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -74,14 +78,21 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{cfg.preset or 'run'}-{cfg.stage}"
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int) -> Path | None:
-    """Config conflicts vs. a previous launch, the checkpoint to resume from; writes config.yaml."""
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> tuple[Path, dict] | None:
+    """Collective. The run-directory lock (rank 0), the check that every rank sees the same
+    directory, config conflicts vs. a previous launch, the checkpoint to resume from (newest that
+    verifies); writes config.yaml. An error on any rank is raised on all of them."""
+    run_lock.claim(run_dir, rank)
+    if rank == 0:
+        ckpt.clean_temp(run_dir / "checkpoints")  # a crashed save's leftovers; safe under the lock
+    existing = ckpt.checkpoint_dirs(run_dir / "checkpoints")
+    if existing and not cfg.checkpoint.resume:
+        raise ConfigError(f"run.dir={run_dir} already holds checkpoints (latest {existing[-1][1].name}) but "
+                          "checkpoint.resume=false; choose a new run.dir or remove the old one")
+    found = ckpt.select_checkpoint(run_dir / "checkpoints", rank=rank, world_size=world,
+                                   zero_stage=cfg.deepspeed.zero_stage, stage=cfg.stage)
     saved_cfg = run_dir / "config.yaml"
-    if latest is not None:
-        if not cfg.checkpoint.resume:
-            raise ConfigError(f"run.dir={run_dir} already holds checkpoints (latest {latest.name}) but "
-                              "checkpoint.resume=false; choose a new run.dir or remove the old one")
+    if found is not None:
         if saved_cfg.is_file():
             conflicts = resume_conflicts(yaml.safe_load(saved_cfg.read_text()) or {}, resolved_dict(cfg))
             if conflicts:
@@ -93,7 +104,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int) -> Path | None:
         tmp = saved_cfg.with_suffix(".yaml.tmp")
         tmp.write_text(dump_yaml(cfg))
         os.replace(tmp, saved_cfg)
-    return latest
+    return found
 
 
 def export(cfg: TrainConfig, run_dir: Path, objective: Objective, ema: EMA) -> Path:
@@ -116,14 +127,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     size = cfg.image_size(check_shards(cfg, world, micro))
     # Record the resolved image size in the saved config and the export (sampling reads it there).
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
-    if cfg.stage == "diti" and ckpt.latest_checkpoint(resolve_run_dir(cfg) / "checkpoints") is None:
+    if cfg.stage == "diti" and not ckpt.checkpoint_dirs(resolve_run_dir(cfg) / "checkpoints"):
         check_init_ddpm(cfg)  # a resumed run takes the frozen DDPM from its checkpoint instead
     threads = torch.get_num_threads()
     if cfg.run.threads and device_type == "cpu":
         torch.set_num_threads(cfg.run.threads)
     try:
         return _train(cfg, micro, size)
+    except BaseException as e:
+        run_lock.release_held(error=e)  # status.json says "failed" (rank 0)
+        raise
     finally:
+        run_lock.release_held()  # the run-directory lock _train took (rank 0), on every way out
         torch.set_num_threads(threads)  # in-process callers (tests, the demo) get theirs back
 
 
@@ -136,8 +151,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
             torch.backends.cuda.matmul.allow_tf32 = True
 
     run_dir = resolve_run_dir(cfg)
-    latest = prepare_run_dir(cfg, run_dir, rank)
-    dist.barrier()
+    found = prepare_run_dir(cfg, run_dir, rank, world)
+    latest = found[0] if found else None
 
     # -- models (same init on every rank), frozen DDPM, DeepSpeed
     torch.manual_seed(cfg.run.seed)
@@ -160,12 +175,13 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
 
     step, position = 0, None
     if latest is not None:
-        step, position = load_checkpoint(cfg, latest, engine, ema, rank, world)
+        step, position = load_checkpoint(cfg, latest, found[1], engine, ema, rank, world, micro)
     data = MicroBatches(cfg, rank, world, micro, size, position, device)
     total = cfg.total_steps()
     meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, device)
     logger = Logger(run_dir, rank == 0, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)
-    stop = StopSignal(cfg.checkpoint.on_signal)
+    stop = StopSignal(cfg.checkpoint.on_signal, world)
+    samples = SampleLog(run_dir, rank, world) if cfg.debug.sample_log else None
     bar = None
     if rank == 0 and cfg.log.progress:
         from tqdm import tqdm
@@ -196,6 +212,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                 x0 = to_model_input(data.next(m), device)
                 first = step * cfg.data.batch_size + rank * local + m * micro  # global sample index
                 index = torch.arange(first, first + micro, device=device)
+                if samples is not None:
+                    samples.add(step + 1, first, micro)
                 out, t = engine(x0, index)
                 if step + 1 in nan_steps and cfg.debug.nan_rank in (-1, rank):
                     out = LossOut(out.loss * nan, out.per_sample * nan,
@@ -245,6 +263,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                 raise SystemExit(99)
             if cfg.debug.signal_at_step and step == cfg.debug.signal_at_step:
                 os.kill(os.getpid(), signal.SIGTERM)
+            if cfg.debug.step_sleep_s:
+                time.sleep(cfg.debug.step_sleep_s)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
                 if float(meter.consecutive) == 0:  # never checkpoint in the middle of a bad streak
                     last_ckpt = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)
@@ -252,7 +272,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                     print(f"[diti-fast] step {step}: checkpoint skipped (non-finite streak)", flush=True)
             if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and rank == 0:
                 export(cfg, run_dir, objective, ema)
-            reason = stop_reason(stop, deadline, step, world, cfg.checkpoint.signal_sync_every, device)
+            reason = stop_reason(stop, deadline, step, world, cfg.checkpoint.signal_sync_every)
             if reason is not None and step < total:
                 status = reason
                 if checkpoint_step(last_ckpt) != step:
@@ -264,9 +284,13 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                            f"run.time_limit_minutes={cfg.run.time_limit_minutes:g} reached")
                     print(f"\n[diti-fast] {why}: checkpoint {last_ckpt} written at step {step}; "
                           f"relaunch the same command to resume", flush=True)
+                    run_lock.write_status(run_dir, "stopped", reason=reason, step=step, exit_code=EXIT_SIGNAL,
+                                          checkpoint=str(last_ckpt))
                 break
     finally:
         stop.close()
+        if samples is not None:
+            samples.close()
         if bar is not None:
             bar.close()
         logger.close()
@@ -279,6 +303,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
             result.export = export(cfg, run_dir, objective, ema)
             print(f"[diti-fast] done: {step} steps, {step * cfg.data.batch_size} images; EMA weights in "
                   f"{result.export}", flush=True)
+            run_lock.write_status(run_dir, "done", step=step, exit_code=0, checkpoint=str(result.last_checkpoint))
         dist.barrier()
     return result
 
@@ -317,6 +342,9 @@ def main(argv: list[str] | None = None, prog: str = "diti_fast/train.py") -> int
     except NonFiniteLoss as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except RankFailure as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return EXIT_RANK_FAILURE
     return 0 if result.status == "done" else EXIT_SIGNAL
 
 

@@ -139,7 +139,13 @@ class CheckpointSection:
     keep: int = 3                  # keep the last K checkpoints
     resume: bool = True            # resume automatically from the latest complete checkpoint
     on_signal: bool = True         # SIGTERM/SIGINT: write a checkpoint, exit with status 75
-    signal_sync_every: int = 10    # multi-rank: steps between agreeing on a pending signal (a sync)
+    # multi-rank: steps between agreeing on a pending signal. The agreement is a 2-integer gloo
+    # all-reduce of host values (no device sync), so every step is cheap and leaves a launcher's
+    # grace period (30 s under torchrun and deepspeed) to the checkpoint.
+    signal_sync_every: int = 1
+    # Also write optimizer-full.pt (the Adam state gathered over ranks, per parameter name) so the
+    # run can resume on another number of ranks or ZeRO stage; one all-reduce per checkpoint.
+    elastic: bool = True
     export_every: int = 0          # steps between EMA exports besides the final one; 0 = end only
 
 
@@ -158,6 +164,9 @@ class DebugSection:
     nan_rank: int = -1             # only on this rank (-1: all)
     signal_at_step: int = 0        # send SIGTERM to this process after this step
     crash_at_step: int = 0         # raise SystemExit(99) after this step, no checkpoint (a crash)
+    fail_save_rank: int = -1       # this rank's checkpoint write raises OSError(ENOSPC) (disk full)
+    sample_log: bool = False       # append the global sample indices each rank trains to RUN/debug/
+    step_sleep_s: float = 0.0      # sleep after every step (gives signal tests a window)
 
 
 @dataclass
@@ -218,6 +227,8 @@ class TrainConfig:
                               "signal_sync_every >= 1")
         if self.run.time_limit_minutes < 0:
             raise ConfigError(f"{w}.run.time_limit_minutes must be >= 0 (0 = no limit)")
+        if self.debug.step_sleep_s < 0:
+            raise ConfigError(f"{w}.debug.step_sleep_s must be >= 0")
         if self.guard.max_consecutive_nonfinite < 1:
             raise ConfigError(f"{w}.guard.max_consecutive_nonfinite must be >= 1")
         if self.data.source == "shards" and not self.data.shards:
@@ -285,6 +296,8 @@ def validate_runtime(cfg: TrainConfig, world_size: int, device_type: str) -> Non
                               "'diti-fast[tensorboard]'); use log.tensorboard=auto to log it only when installed")
     if cfg.debug.nan_rank >= world_size:
         raise ConfigError(f"debug.nan_rank={cfg.debug.nan_rank} but there are {world_size} ranks")
+    if cfg.debug.fail_save_rank >= world_size:
+        raise ConfigError(f"debug.fail_save_rank={cfg.debug.fail_save_rank} but there are {world_size} ranks")
 
 
 # --------------------------------------------------------------------------- loading
@@ -386,9 +399,10 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 
 # Keys that may change between a run and its resumption: how long, how it logs, how it saves.
+# deepspeed.zero_stage: an elastic checkpoint (checkpoint.elastic) converts its optimiser state.
 RESUME_MUTABLE = ("run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "data.verify",
                   "data.max_consecutive_skips", "log.", "checkpoint.",
-                  "debug.", "fast.compile", "fast.compile_mode", "guard.", "init.ddpm")
+                  "debug.", "fast.compile", "fast.compile_mode", "guard.", "init.ddpm", "deepspeed.zero_stage")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -87,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     plot_losses(work, results / "losses.png")
     ctx.timings["report"] = round(time.perf_counter() - t, 2)
     ctx.timings["total"] = round(time.perf_counter() - t0, 2)
-    cmd = "make claim" + (" CLAIM_SMOKE=1" if args.smoke else "") if os.environ.get("CLAIM_FROM_MAKE") else \
-        "python -m diti_fast.claim " + " ".join(shlex.quote(a) for a in argv_used)
+    cmd = "python -m diti_fast.claim " + " ".join(shlex.quote(a) for a in argv_used)
     result = {
-        "command": cmd.strip(), "git": git_state(), "plan": plan.to_json(),
+        "command": cmd.strip(), "via_make": bool(os.environ.get("CLAIM_FROM_MAKE")), "git": git_state(), "plan": plan.to_json(),
         "machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "platform": platform.platform()},
         "timings_s": ctx.timings, "data": data, "ddpm": ddpm, "encoders": encoders,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import synthetic as classic
 from .synthetic import SHAPES
 
 VARIANT = "clear"
@@ -50,20 +51,21 @@ SPECKLE_MAX = 0.06                        # density of salt-and-pepper pixels
 SIZE_RANGE = (0.16, 0.28)                 # half-extent / side
 POS_RANGE = (0.31, 0.69)                  # centre / side, the same for every size: max size still in frame
 
-ATTRIBUTES = [
-    {"name": "shape", "kind": "categorical", "num_classes": len(SHAPES), "classes": list(SHAPES), "group": "coarse"},
-    {"name": "colour", "kind": "categorical", "num_classes": len(COLOURS), "classes": list(COLOURS), "group": "coarse"},
-    {"name": "pos_x", "kind": "continuous", "group": "coarse"},
-    {"name": "pos_y", "kind": "continuous", "group": "coarse"},
-    {"name": "size", "kind": "continuous", "group": "coarse"},
-    {"name": "stripe_period", "kind": "categorical", "num_classes": len(STRIPE_PERIODS),
-     "classes": [f"{p:g}px" for p in STRIPE_PERIODS], "group": "fine"},
-    {"name": "stripe_orientation", "kind": "categorical", "num_classes": len(STRIPE_ORIENTATIONS),
-     "classes": [f"{a}deg" for a in STRIPE_ORIENTATIONS], "group": "fine"},
-    {"name": "stripe_phase", "kind": "categorical", "num_classes": len(STRIPE_PHASES),
-     "classes": [f"{a}deg" for a in STRIPE_PHASES], "group": "fine"},
-    {"name": "speckle", "kind": "continuous", "group": "fine"},
-]
+def _attributes() -> list[dict]:
+    """The classic variant's factors, names and fine/coarse tags, with this variant's period classes and
+    a categorical phase."""
+    out = []
+    for a in classic.ATTRIBUTES:
+        a = dict(a)
+        if a["name"] == "stripe_period":
+            a["classes"] = [f"{p:g}px" for p in STRIPE_PERIODS]
+        elif a["name"] == "stripe_phase":
+            a.update(kind="categorical", num_classes=len(STRIPE_PHASES), classes=[f"{p}deg" for p in STRIPE_PHASES])
+        out.append(a)
+    return out
+
+
+ATTRIBUTES = _attributes()
 ATTRIBUTE_NAMES = [a["name"] for a in ATTRIBUTES]
 _PIXELS_PER_CHUNK = 1 << 19
 

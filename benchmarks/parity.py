@@ -1,7 +1,7 @@
 """Run-level parity: whole short DiTi runs compared per t-bucket, with intervals.
 
-    python benchmarks/parity.py [--cases fp32,bf16] [--steps 300] [--threads 1] [--work runs/parity]
-                                [--out benchmarks/results/parity]
+    python benchmarks/parity.py [--cases fp32,bf16] [--steps 300] [--threads 1] [--parallel]
+                                [--work runs/parity] [--out benchmarks/results/parity]
     DITI_ORIGINAL=/tmp/diti_orig python benchmarks/parity.py --cases fp32,original --image-size 64
 
 Every case trains DiTi (base) for ``--steps`` steps from the same frozen DDPM on the same shards
@@ -149,14 +149,18 @@ def worker_original(args, out: Path) -> None:
     out.write_text(json.dumps({"loss_t": loss_t, "loss": losses, "wall_s": time.perf_counter() - t0}))
 
 
-def run_case(args, case: str) -> dict:
-    out = args.work / f"{case}.json"
+def start_case(args, case: str) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--steps", str(args.steps),
            "--threads", str(args.threads), "--work", str(args.work), "--image-size", str(args.image_size)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finish_case(args, case: str, proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate()
+    out = args.work / f"{case}.json"
     if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"{case} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{case} failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
     return json.loads(out.read_text())
 
 
@@ -226,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=32, choices=(32, 64))
     ap.add_argument("--work", type=Path, default=Path("runs/parity"))
+    ap.add_argument("--parallel", action="store_true", help="run the cases at the same time")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity")
     args = ap.parse_args(argv)
     if args.worker:
@@ -244,11 +249,16 @@ def main(argv=None) -> int:
     prepare(args)
     timings = {"prepare_s": time.perf_counter() - t0}
     results = {}
-    for case in cases:
+    # --parallel: every case at once, one process each (on a machine with a core per case; the
+    # statistic does not depend on speed, only the timings do).
+    groups = [cases] if args.parallel else [[c] for c in cases]
+    for group in groups:
         t = time.perf_counter()
-        results[case] = run_case(args, case)
-        timings[f"{case}_s"] = time.perf_counter() - t
-        print(f"{case}: done in {timings[f'{case}_s']:.0f} s", flush=True)
+        procs = {c: start_case(args, c) for c in group}
+        for case, proc in procs.items():
+            results[case] = finish_case(args, case, proc)
+            timings[f"{case}_s"] = time.perf_counter() - t
+            print(f"{case}: done in {timings[f'{case}_s']:.0f} s", flush=True)
     base = bucket_table(results["fp32"]["loss_t"])
     comparisons = {c: ratio_intervals(bucket_table(results[c]["loss_t"]), base, paired=c != "original")
                    for c in cases if c != "fp32"}
@@ -257,7 +267,8 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {"command": "python benchmarks/parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "commit": commit, "steps": args.steps, "last_steps": LAST, "batch": BATCH, "threads": args.threads,
-               "image_size": args.image_size, "ddpm_steps": args.ddpm_steps, "timings": timings,
+               "image_size": args.image_size, "ddpm_steps": args.ddpm_steps, "parallel": args.parallel,
+               "timings": timings,
                "comparisons": {c: {"paired": c != "original", "buckets": ivs, "within_5_percent": within(ivs)}
                                for c, ivs in comparisons.items()},
                "final_losses": {c: float(np.mean(r["loss"][-LAST:])) for c, r in results.items()}}

@@ -26,7 +26,7 @@ class Plan:
     ddpm_lr: float = 2e-4
     diti_lr: float = 2e-4
     judge_train: int = 4000     # real images the recognisability judge is trained on
-    judge_epochs: int = 4
+    judge_epochs: int = 12
     judge_samples: int = 128    # DDPM samples it classifies
     sample_steps: int = 50      # DDIM steps of those samples
     recognisable: float = 0.8   # pass: confident fraction of samples >= this x that of real images

@@ -126,6 +126,10 @@ def _judge(ctx: Context):
         torch.save(judge.state_dict(), path)
     real = J.judge_images(judge, x[held])
     real["accuracy"] = J.accuracy(real, {k: v[held] for k, v in labels.items()})
+    # The floor: what the judge says of junk it must not accept (Gaussian noise, the size of the samples).
+    g = torch.Generator().manual_seed(1)
+    real["noise_confident_fraction"] = J.judge_images(
+        judge, torch.randn((ctx.plan.judge_samples, 3, 32, 32), generator=g).clamp(-1, 1))["confident_fraction"]
     return judge, real
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,7 @@ def worker_engine(args, case: str, out: Path) -> None:
     from diti_fast.engine.loop import train
     from diti_fast.engine.run_config import load_config
     run = args.work / case
+    shutil.rmtree(run, ignore_errors=True)  # a case always starts from scratch
     config, over = model_overrides(args.image_size)
     precision = {"fp32": "fp32", "bf16": "bf16"}[case]
     t0 = time.perf_counter()

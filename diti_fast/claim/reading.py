@@ -108,7 +108,8 @@ def reading(result: dict) -> list[str]:
     out.append(f"DDPM: after {d['images']} images, {last['samples']['confident_fraction']:.2f} of its samples are "
                f"named colour and shape with confidence ≥ {last['samples']['threshold']} by a judge trained on real "
                f"images, against {last['real']['confident_fraction']:.2f} of real held-out images (judge accuracy "
-               f"there: colour {last['real']['accuracy']['colour']:.2f}, shape {last['real']['accuracy']['shape']:.2f}); "
+               f"there: colour {last['real']['accuracy']['colour']:.2f}, shape {last['real']['accuracy']['shape']:.2f}; "
+               f"Gaussian noise: {last['real'].get('noise_confident_fraction', float('nan')):.2f}); "
                + ("that passes the recognisability bar." if d["recognisable"] else
                   "that is BELOW the recognisability bar: the DDPM that DiTi and PDAE froze was not yet a good "
                   "generative model, which weakens everything below."))

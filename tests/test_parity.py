@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("parity", Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py")
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py"
+_spec = importlib.util.spec_from_file_location("parity", _PATH)
 parity = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(parity)
 

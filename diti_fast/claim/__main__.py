@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx.timings["total"] = round(time.perf_counter() - t0, 2)
     cmd = "python -m diti_fast.claim " + " ".join(shlex.quote(a) for a in argv_used)
     result = {
-        "command": cmd.strip(), "via_make": bool(os.environ.get("CLAIM_FROM_MAKE")), "git": git_state(), "plan": plan.to_json(),
+        "command": cmd.strip(), "via_make": bool(os.environ.get("CLAIM_FROM_MAKE")), "git": git_state(),
+        "plan": plan.to_json(),
         "machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "platform": platform.platform()},
         "timings_s": ctx.timings, "data": data, "ddpm": ddpm, "encoders": encoders,

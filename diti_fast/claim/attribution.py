@@ -96,7 +96,8 @@ def run_probes(train, val, test, specs: list[AttributeSpec], groups: list[ChunkG
                 r = train_probe(train, val, test, specs, c, dims=dims[m])
                 scores[seed][m].append(r.test_scores)
                 point[seed][m].append(r.test)
-            log(f"    seed {seed} {g.name}: prefix mean skill {np.nanmean([a['skill'] for a in point[seed]['prefix'][-1]]):.3f}")
+            mean = np.nanmean([a["skill"] for a in point[seed]["prefix"][-1]])
+            log(f"    seed {seed} {g.name}: prefix mean skill {mean:.3f}")
     return ProbeRuns(specs, groups, list(seeds), test[1], scores, point)
 
 

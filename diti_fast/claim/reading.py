@@ -108,7 +108,8 @@ def reading(result: dict) -> list[str]:
     out.append(f"DDPM: after {d['images']} images, {last['samples']['confident_fraction']:.2f} of its samples are "
                f"named colour and shape with confidence ≥ {last['samples']['threshold']} by a judge trained on real "
                f"images, against {last['real']['confident_fraction']:.2f} of real held-out images (judge accuracy "
-               f"there: colour {last['real']['accuracy']['colour']:.2f}, shape {last['real']['accuracy']['shape']:.2f}; "
+               f"there: colour {last['real']['accuracy']['colour']:.2f}, "
+               f"shape {last['real']['accuracy']['shape']:.2f}; "
                f"Gaussian noise: {last['real'].get('noise_confident_fraction', float('nan')):.2f}); "
                + ("that passes the recognisability bar." if d["recognisable"] else
                   "that is BELOW the recognisability bar: the DDPM that DiTi and PDAE froze was not yet a good "
@@ -118,7 +119,8 @@ def reading(result: dict) -> list[str]:
             for t in ("fine", "coarse")}
     if surv["fine"] and surv["coarse"]:
         overlap = max(surv["fine"]) >= min(surv["coarse"])
-        out.append(f"Data: a Bayes-optimal detector loses the fine factors at t ≈ {min(surv['fine'])}–{max(surv['fine'])} "
+        out.append(f"Data: a Bayes-optimal detector loses the fine factors at t ≈ "
+                   f"{min(surv['fine'])}–{max(surv['fine'])} "
                    f"and the coarse ones at t ≈ {min(surv['coarse'])}–{max(surv['coarse'])}"
                    + ("; the ranges overlap, so this data separates fine from coarse by spatial scale, not by the "
                       "noise level that destroys them — an order found below comes from what the trained networks "
@@ -152,8 +154,8 @@ def reading(result: dict) -> list[str]:
             out.append("Together: DiTi does NOT show fine-before-coarse onsets at this training length (and PDAE "
                        "does not either): the claim is not reproduced by this run.")
         else:
-            out.append("Together: DiTi does not show the order while PDAE does — the opposite of the claim; most likely "
-                       "an artefact of the short training, not a refutation.")
+            out.append("Together: DiTi does not show fine-before-coarse onsets while PDAE does — the opposite "
+                       "of the claim, at this training length.")
     return out
 
 
@@ -167,14 +169,17 @@ def write_markdown(result: dict, path: Path) -> None:
     if p["name"] != "full":
         md += ["**Smoke plan: tiny sizes that prove the pipeline runs. These numbers say nothing about DiTi.**", ""]
     md += ["## Reading", ""] + [f"- {s}" for s in result["reading"]] + [""]
-    md += ["## Data", "", "The synthetic `clear` variant (32 px). ‖Δ‖: L2 change of the image (model units) when only "
+    md += ["## Data", "", "The synthetic `clear` variant (32 px). ‖Δ‖: L2 change of the image (model units) "
+           "when only "
            "that factor is redrawn; survival t: where a Bayes-optimal detector loses it "
-           "(sqrt(ᾱ/(1−ᾱ))·‖Δ‖ < 1).", "", "| factor | tag | median ‖Δ‖ | survival t |", "|---|---|---|---|"]
+           "(sqrt(ᾱ/(1−ᾱ))·‖Δ‖ < 1).", "",
+           "| factor | tag | median ‖Δ‖ | survival t |", "|---|---|---|---|"]
     tags = {a["name"]: a["tag"] for a in result["attribution"]["diti"]["attributes"]}
     for k, v in result["data"]["factors"].items():
         md.append(f"| {k} | {tags.get(k, '')} | {v['delta_l2_median']:.2f} | {v['bayes_survival_t_median']} |")
     md += ["", "## Fine vs coarse (95% intervals over test resamples × probe seeds)", "",
-           "| encoder | fine mean onset | coarse mean onset | coarse − fine | verdict | early-dec. fine − coarse | verdict |",
+           "| encoder | fine mean onset | coarse mean onset | coarse − fine | verdict | "
+           "early-dec. fine − coarse | verdict |",
            "|---|---|---|---|---|---|---|"]
     for name, summ in result["attribution"].items():
         fc = summ.get("fine_vs_coarse", {})

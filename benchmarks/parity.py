@@ -280,7 +280,7 @@ def main(argv=None) -> int:
                "final_losses": {c: float(np.mean(r["loss"][-LAST:])) for c, r in results.items()}}
     (args.out / "parity.json").write_text(json.dumps(summary, indent=1))
     for c, s in summary["comparisons"].items():
-        print(f"{c} / fp32 per t-bucket: " + ", ".join(f"{iv['ratio']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+        print(f"{c} / fp32 per t-bucket: " + ", ".join(f"{iv['ratio']:.5f} [{iv['lo']:.5f}, {iv['hi']:.5f}]"
                                                       for iv in s["buckets"]) + f"; within 5%: {s['within_5_percent']}")
     return 0
 

@@ -262,8 +262,7 @@ def phase_grids(ctx: Context, name: str, judge=None) -> dict:
                                      max_samples=p.probe_samples, log=log))
     names = [a["name"] for a in sp.test.attributes]
     cols = [names.index("colour"), names.index("shape")]
-    n_pairs = 8 if p.name == "full" else 2
-    pairs = _pairs(sp.test.attrs[:64], sp.test.position[:64], cols, n_pairs)
+    pairs = _pairs(sp.test.attrs[:64], sp.test.position[:64], cols, p.grid_pairs)
     if judge is None:
         judge, _ = _judge(ctx)
     rows_all, stats = [], {g.name: {"colour_became_B": [], "shape_became_B": [], "pixel_change": []} for g in groups}

@@ -19,12 +19,25 @@ def _fmt(iv: dict, digits: int = 2) -> str:
     return f"{iv['mean']:.{digits}f} [{iv['lo']:.{digits}f}, {iv['hi']:.{digits}f}]"
 
 
-def plot_onset_curves(work: Path, attribution: dict, path: Path) -> None:
-    """Per encoder: prefix skill / best prefix skill against the prefix's last group, one line per
-    attribute (fine solid blue, coarse dashed orange), 95% band over resamples × seeds."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a training machine)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_onset_curves(work: Path, attribution: dict, path: Path) -> None:
+    """Per encoder: prefix skill / best prefix skill against the prefix's last group, one line per
+    attribute (fine solid blue, coarse dashed orange), 95% band over resamples × seeds."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(attribution), figsize=(5.2 * len(attribution), 4), squeeze=False, sharey=True)
     for ax, (name, summ) in zip(axes[0], attribution.items()):
         boot = np.load(work / "attribution" / f"{name}.skills.npy")
@@ -46,16 +59,12 @@ def plot_onset_curves(work: Path, attribution: dict, path: Path) -> None:
         ax.set_xlabel("prefix up to stage (time-steps of that stage see it)")
     axes[0][0].set_ylabel("fraction of best prefix skill")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_fine_vs_coarse(attribution: dict, path: Path) -> None:
     """Mean onset (left) and early-decodability (right) of fine vs coarse attributes, with 95% intervals."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     keys = (("fine_mean_onset", "coarse_mean_onset", "mean onset stage (lower = earlier)"),
             ("fine_mean_early_decodability", "coarse_mean_early_decodability", "early-decodability (higher = earlier)"))
@@ -74,15 +83,11 @@ def plot_fine_vs_coarse(attribution: dict, path: Path) -> None:
         ax.set_xticklabels(list(attribution))
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_losses(work: Path, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, names in zip(axes, (("ddpm",), ("diti", "pdae"))):
         for name in names:
@@ -95,9 +100,7 @@ def plot_losses(work: Path, path: Path) -> None:
         ax.set_ylabel("training loss")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def reading(result: dict) -> list[str]:

@@ -10,12 +10,14 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo bench gpu-check-dry gpu-wheels clean help
+.PHONY: setup test demo claim bench gpu-check-dry gpu-wheels clean help
 
 help:
 	@echo "make setup   - create $(VENV) (torch first, then the project with its extras)"
 	@echo "make test    - set up and run the test suite (CPU; Triton kernels via TRITON_INTERPRET=1)"
 	@echo "make demo    - set up and run the demo: synthetic shards -> DDPM -> DiTi -> report (CPU)"
+	@echo "make claim   - the claim run (<= 100 min, 2 CPU cores, resumable): results in benchmarks/results/claim/"
+	@echo "               CLAIM_SMOKE=1: every phase on tiny sizes (~1-2 min), results in runs/claim-smoke/results/"
 	@echo "make bench   - CPU benchmarks (pytest-benchmark, JSON under benchmarks/results/)"
 	@echo "make gpu-wheels / gpu-check-dry - prepare / dry-run the one-shot GPU check (docs/performance.md)"
 
@@ -35,6 +37,11 @@ test: setup
 
 demo: setup
 	$(PY) -m diti_fast.demo
+
+# DiTi vs PDAE on synthetic data with known factors (docs/evaluation.md, "The claim"). Rerun the
+# same command after an interruption: finished phases are skipped, training resumes.
+claim: setup
+	CLAIM_FROM_MAKE=1 $(PY) -m diti_fast.claim $(if $(CLAIM_SMOKE),--smoke,) $(CLAIM_ARGS)
 
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only \

@@ -56,6 +56,7 @@ ATTRIBUTES = [
     {"name": "speckle", "kind": "continuous", "group": "fine"},
 ]
 ATTRIBUTE_NAMES = [a["name"] for a in ATTRIBUTES]
+VARIANTS = ("classic", "clear")
 _PIXELS_PER_CHUNK = 1 << 19  # bounds the float32 working set of one vectorised chunk (~24 MB)
 
 
@@ -124,9 +125,10 @@ def render(indices, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, np
     return images, attrs
 
 
-def render_samples(indices: list, image_size: int, seed: int):
-    """Writer callback: yields one Sample per index (runs inside a writer worker)."""
-    images, attrs = render(indices, image_size, seed)
+def render_samples(indices: list, image_size: int, seed: int, render_fn=None):
+    """Writer callback: yields one Sample per index (runs inside a writer worker). ``render_fn``:
+    another variant's ``render`` (default: this module's)."""
+    images, attrs = (render_fn or render)(indices, image_size, seed)
     for i, idx in enumerate(indices):
         yield Sample(index=int(idx), image=images[i], attrs=attrs[i])
 
@@ -143,18 +145,30 @@ def make_synthetic_shards(
     progress: bool = False,
     prefix: str = "shard",
     verify: bool = False,
+    variant: str = "classic",
 ) -> dict:
-    """Write ``num`` synthetic samples as shards into ``out_dir``; returns the manifest."""
+    """Write ``num`` synthetic samples as shards into ``out_dir``; returns the manifest.
+
+    ``variant``: ``classic`` (this module) or ``clear`` (:mod:`data_shards.synthetic_clear`: visible
+    fine factors, independent factors; made for the claim run)."""
     if num < 1:
         raise ValueError("num must be >= 1")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown synthetic variant {variant!r}; choose one of {VARIANTS}")
+    config = {"source": "synthetic", "generator": 1, "seed": seed, "num": num}
+    renderer, attributes = render_samples, ATTRIBUTES
+    if variant == "clear":
+        from . import synthetic_clear
+        config = dict(config, generator=synthetic_clear.GENERATOR, variant="clear")
+        renderer, attributes = partial(render_samples, render_fn=synthetic_clear.render), synthetic_clear.ATTRIBUTES
     return write_shards(
         Path(out_dir),
         items=range(num),
-        render=partial(render_samples, image_size=image_size, seed=seed),
-        attributes=ATTRIBUTES,
+        render=partial(renderer, image_size=image_size, seed=seed),
+        attributes=attributes,
         image_size=image_size,
         source="synthetic",
-        config={"source": "synthetic", "generator": 1, "seed": seed, "num": num},
+        config=config,
         image_format=image_format,
         quality=quality,
         maxcount=maxcount,

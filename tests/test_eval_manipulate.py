@@ -21,10 +21,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "manip_tiny"
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """Tiny 32 px batches: intra-op threads cost more than they give on a 2-core runner."""
+    from diti_fast.eval.probe import _single_thread
+    with _single_thread(torch.device("cpu")):
+        yield
 
 
 @pytest.fixture(scope="module")

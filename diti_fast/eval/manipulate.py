@@ -241,12 +241,20 @@ def cached_directions(cache_dir: Path, key: str, fit, log=print) -> tuple[Direct
 # --------------------------------------------------------------------------- edits
 
 @torch.no_grad()
-def manipulate(sampler, x0: torch.Tensor, d: Directions, r: int, scales, steps: int = 100,
-               invert_steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Edited images [N, S, 3, H, W] of ``x0`` [N, 3, H, W] along direction ``r``, with the classifier's
-    scores of the inputs [N] and of the edited images [N, S] (re-encoded by the same encoder)."""
+def invert_unmasked(sampler, x0: torch.Tensor, invert_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, x_T): the inputs' latents and their DDIM inversion guided by the whole z at every t."""
     z = sampler.encode(x0)
-    x_T = masked_ddim(sampler.ex.decoder, x0, z, sampler.sched, None, steps=invert_steps, inverse=True)
+    return z, masked_ddim(sampler.ex.decoder, x0, z, sampler.sched, None, steps=invert_steps, inverse=True)
+
+
+@torch.no_grad()
+def manipulate(sampler, x0: torch.Tensor, d: Directions, r: int, scales, steps: int = 100,
+               invert_steps: int = 1000, inverted: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Edited images [N, S, 3, H, W] of ``x0`` [N, 3, H, W] along direction ``r``, with the classifier's
+    scores of the inputs [N] and of the edited images [N, S] (re-encoded by the same encoder).
+    ``inverted``: (z, x_T) of :func:`invert_unmasked`, to share one inversion between directions."""
+    z, x_T = inverted if inverted is not None else invert_unmasked(sampler, x0, invert_steps)
     zs = torch.cat([d.edit(z, r, float(s)) for s in scales])
     imgs = sampler.decode(x_T.repeat(len(scales), 1, 1, 1), zs, steps, masked=False)
     n, s = len(x0), len(scales)
@@ -279,15 +287,19 @@ def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positi
                            split_by_position)
     from .grids import save_grid
     from .report import jsonable
+    from .features import shard_spec
     cfg = cfg or ManipConfig()
     if not scales:
         raise EvalError("--scales is empty")
-    from .features import shard_spec
-    # A missing or continuous attribute fails before the model is loaded or a feature is extracted.
-    attribute_targets(shard_spec(data).attributes, np.zeros((0, len(shard_spec(data).attributes)), np.float32),
-                      attribute)
+    # A missing or continuous attribute, or an unknown class, fails before any model or feature work.
+    attributes = shard_spec(data).attributes
+    _, names, _ = attribute_targets(attributes, np.zeros((0, len(attributes)), np.float32), attribute)
+    unknown = [c for c in classes or [] if c not in names]
+    if unknown:
+        raise EvalError(f"--class {', '.join(unknown)}: {attribute!r} has classes {', '.join(names)}")
     export_file = resolve_export(run)
     ex = load_run(export_file, device)
+    cfg.validate(ex.model_cfg.unet.latent_dim)
     sampler = Sampler(ex, device)
     _check_steps(sampler, steps, invert_steps)
     fs = cached_features(export_file, data, ex.encoder, device, feature_batch, max_samples, log=log)
@@ -296,14 +308,10 @@ def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positi
     key = directions_cache_key(_cache_key(export_file, data, max_samples), attribute, cfg)
     d, cached = cached_directions(root, key, lambda: fit_directions(parts["train"], parts["test"], attribute, cfg),
                                   log=log)
-    rows = list(range(len(d.names)))
-    if classes:
-        unknown = [c for c in classes if c not in d.names]
-        if unknown:
-            raise EvalError(f"--class {', '.join(unknown)}: {attribute!r} has classes {', '.join(d.names)}")
-        rows = [d.names.index(c) for c in classes]
+    rows = [d.names.index(c) for c in classes] if classes else list(range(len(d.names)))
     pos = list(positions) if positions else [int(p) for p in parts["test"].position[:num]]
     x = load_images(data, pos, device)
+    inverted = invert_unmasked(sampler, x, invert_steps)
     out_dir = Path(out_dir) if out_dir else root
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"attribute": attribute, "kind": d.kind, "scales": list(map(float, scales)), "positions": pos,
@@ -312,7 +320,7 @@ def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positi
                              "mask_dims": [int(m.sum()) for m in d.mask]}, "directions": {}}
     for r in rows:
         name = d.names[r]
-        imgs, s_in, s_out = manipulate(sampler, x, d, r, scales, steps, invert_steps)
+        imgs, s_in, s_out = manipulate(sampler, x, d, r, scales, steps, invert_steps, inverted)
         tag = attribute if d.kind == "binary" else f"{attribute}={name}"
         stem = "manipulate_" + "".join(c if c.isalnum() or c in "-_=." else "_" for c in tag)
         grid = torch.cat([x.clamp(-1, 1)[:, None], imgs], dim=1)  # the input as the first column
@@ -331,5 +339,6 @@ def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positi
 
 
 __all__ = ["ManipConfig", "Directions", "attribute_targets", "latent_stats", "d_prime", "top_dims_mask",
-           "train_directions", "fit_directions", "cached_directions", "directions_cache_key", "manipulate",
+           "train_directions", "fit_directions", "cached_directions", "directions_cache_key", "invert_unmasked",
+           "manipulate",
            "moved_fraction", "run_manipulation"]

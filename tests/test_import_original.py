@@ -24,6 +24,14 @@ TINY = {"extends": "shapes32",
                   "masks": {"k": 8, "stages": None, "dims_per_stage": None}, "encoder": {"latent_dim": 64}}}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny 32 px batches: intra-op threads cost more than they give on a 2-core runner."""
+    from diti_fast.eval.probe import _single_thread
+    with _single_thread(torch.device("cpu")):
+        yield
+
+
 def _compiled(sd):
     return {"_orig_mod." + k: v.clone() for k, v in sd.items()}
 

@@ -84,10 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder: CSV of per-image attributes: header row, first column the image path relative to "
                         "--root, one column per attribute (kinds inferred or given as name:binary, "
                         "name:categorical, name:continuous); when given, its rows define the sample set")
-    m.add_argument("--crop", choices=("center", "none"), default="center",
+    m.add_argument("--crop", choices=("center", "none", "resize-center"), default="center",
                    help="folder: 'center' crops non-square images to their central square before resizing; "
-                        "'none' resizes (squashes) the whole image")
-    m.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic", help="PIL resampling filter for resizing")
+                        "'none' resizes (squashes) the whole image; 'resize-center' resizes the shorter side "
+                        "to int(1.1 x size) and takes the central square (the original's attribute-regression "
+                        "preprocessing: Resize(70) then CenterCrop(64))")
+    m.add_argument("--resample", choices=sorted(RESAMPLE), default=None,
+                   help="PIL resampling filter for resizing (PIL antialiases when shrinking). Default: bilinear "
+                        "for celeba (torchvision's Resize on PIL images, as the original), bicubic otherwise")
     m.add_argument("--split", default="all",
                    help=f"celeba: comma-separated splits to write, from {', '.join(SPLITS)}, or 'all'")
     m.add_argument("--num", type=_at_least(1), default=10000, help="synthetic: number of images")
@@ -115,6 +119,8 @@ def _make(args) -> int:
     from .writer import write_shards
 
     size = args.size or (32 if args.source == "synthetic" else 64)
+    if args.resample is None:
+        args.resample = "bilinear" if args.source == "celeba" else "bicubic"
     common = dict(image_format=args.format, quality=args.quality, maxcount=args.maxcount, workers=args.workers,
                   prefix=args.prefix, progress=not args.no_progress, verify=args.verify)
     if args.source == "synthetic":

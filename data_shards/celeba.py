@@ -107,7 +107,7 @@ def render_celeba(items: list, image_dir: str, image_size: int, resample: str):
         yield Sample(index=index, image=image, attrs=attrs, src=f"{IMAGE_DIR}/{name}")
 
 
-def plan_celeba(root, *, image_size: int, resample: str = "bicubic"):
+def plan_celeba(root, *, image_size: int, resample: str = "bilinear"):
     """{split: items}, attribute specs, render callable, config. Index = file number - 1."""
     root = Path(root)
     image_dir = _require(root / IMAGE_DIR)

@@ -15,7 +15,7 @@ import numpy as np
 from diti_fast.data.errors import DataError, DataWarning, MissingFileError
 
 from .csvattrs import read_attribute_csv
-from .images import IMAGE_SUFFIXES, center_square, load_rgb, resize_square
+from .images import IMAGE_SUFFIXES, center_square, load_rgb, resize_square, resize_then_center_crop
 from .tarwrite import Sample, Skipped
 
 
@@ -39,9 +39,12 @@ def render_folder(items: list, root: str, image_size: int, crop: str, resample: 
     for index, rel, attrs in items:
         try:
             img = load_rgb(Path(root) / rel)
-            if crop == "center":
-                img = center_square(img)
-            image = resize_square(img, image_size, resample)
+            if crop == "resize-center":  # the original's LFW regression pipeline
+                image = resize_then_center_crop(img, image_size, resample)
+            else:
+                if crop == "center":
+                    img = center_square(img)
+                image = resize_square(img, image_size, resample)
         except Exception as exc:  # unreadable sources are skipped and counted by the writer
             yield Skipped(index, rel, f"{type(exc).__name__}: {exc}")
             continue

@@ -4,6 +4,7 @@
     diti-fast data make --source synthetic --num 10000 --out data/syn   (= python -m data_shards ...)
     diti-fast check FIXTURE.pt                            (= python -m diti_fast.reference.check ...)
     diti-fast demo                                        (= python -m diti_fast.demo, what `make demo` runs)
+    diti-fast import-original CKPT.pt --config PRESET --out DIR   (an original run or DDPM -> our export)
     diti-fast eval ... / diti-fast sample ...             (when diti_fast.eval.commands is installed)
 
 Multi-GPU launches go through a launcher and the script path, e.g.
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("data", "data_shards.__main__", "make or verify WebDataset shards (python -m data_shards)"),
         ("check", "diti_fast.reference.check", "check the implementation against a golden fixture"),
         ("demo", "diti_fast.demo", "the CPU demo: synthetic shards -> DDPM -> DiTi -> export -> report"),
+        ("import-original", "diti_fast.import_original",
+         "an original DiTi/PDAE run or DDPM checkpoint -> this project's export (checked against a preset)"),
     ):
         p = sub.add_parser(name, help=helptext, add_help=False, prefix_chars="\0")
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,6 +1,7 @@
 """Every way weights enter or leave a model, with errors that name the keys.
 
-* The original code's checkpoints (``torch.load(weights_only=True)``): a pre-trained DDPM
+* The original code's checkpoints (``torch.load(weights_only=True)``; ``_orig_mod.`` key prefixes of its
+  ``--compile`` runs are stripped): a pre-trained DDPM
   ``{"ema_denoise_fn": unet_state, ...}`` (also ``denoise_fn``), which fills a plain UNet or the frozen
   part of a ShiftUNet; a full DiTi/PDAE run ``{"encoder", "decoder", "ema_encoder", "ema_decoder", ...}``.
 * Our exports: one safetensors file per run stage with the resolved config in its metadata
@@ -79,6 +80,25 @@ def torch_load(path: str | Path) -> dict:
     return data
 
 
+COMPILE_PREFIX = "_orig_mod."
+
+
+def strip_compile_prefix(state: dict) -> dict:
+    """Keys of a ``torch.compile``-wrapped module (the original's ``--compile`` runs save
+    ``_orig_mod.input_blocks...``) -> the plain module's keys; other keys unchanged."""
+    if not isinstance(state, dict):
+        return state
+    out = {}
+    for k, v in state.items():
+        name = k
+        while isinstance(name, str) and name.startswith(COMPILE_PREFIX):
+            name = name[len(COMPILE_PREFIX):]
+        if name in out:
+            raise CheckpointError(f"key {name!r} appears both with and without the {COMPILE_PREFIX!r} prefix")
+        out[name] = v
+    return out
+
+
 DDPM_KEYS = ("ema_denoise_fn", "denoise_fn")
 RUN_KEYS = ("encoder", "decoder", "ema_encoder", "ema_decoder")
 
@@ -91,7 +111,7 @@ def load_original_ddpm(model: nn.Module, path_or_data, use_ema: bool = True) -> 
         raise CheckpointError(f"not an original DDPM checkpoint: none of {list(DDPM_KEYS)} among keys "
                               f"{_fmt(list(data))}")
     from .nn.unet import TRAINABLE
-    load_state(model, data[key], f"DDPM checkpoint [{key}]", allow_missing=TRAINABLE)
+    load_state(model, strip_compile_prefix(data[key]), f"DDPM checkpoint [{key}]", allow_missing=TRAINABLE)
 
 
 def load_original_run(encoder: nn.Module, decoder: nn.Module, path_or_data, use_ema: bool = True) -> None:
@@ -101,8 +121,8 @@ def load_original_run(encoder: nn.Module, decoder: nn.Module, path_or_data, use_
     absent = [k for k in (enc_key, dec_key) if k not in data]
     if absent:
         raise CheckpointError(f"not an original DiTi run checkpoint: missing {absent} among keys {_fmt(list(data))}")
-    load_state(encoder, data[enc_key], f"run checkpoint [{enc_key}]")
-    load_state(decoder, data[dec_key], f"run checkpoint [{dec_key}]")
+    load_state(encoder, strip_compile_prefix(data[enc_key]), f"run checkpoint [{enc_key}]")
+    load_state(decoder, strip_compile_prefix(data[dec_key]), f"run checkpoint [{dec_key}]")
 
 
 # --------------------------------------------------------------------------- our weights (safetensors)

@@ -33,7 +33,8 @@ def celeba(tmp_path):
 
 def _reference(path):
     img = Image.open(path).convert("RGB").crop((25, 57, 25 + 128, 57 + 128))  # top 57, left 25, 128×128
-    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    # bilinear: the celeba source's default, as the original's torchvision Resize on PIL images
+    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
 
 
 def test_celeba_splits_pixels_and_attributes(celeba, tmp_path):

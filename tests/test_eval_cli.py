@@ -139,7 +139,7 @@ def test_interpolate_reconstruct_and_sample(env, tmp_path):
 
 def test_report_on_random_weights(env):
     s = ReportSettings(max_samples=150, probe=ProbeConfig(epochs=2, standardize=True), steps=2, invert_steps=2,
-                       n_recon=2, n_samples=2)
+                       n_recon=2, n_samples=2, manip_num=2, manip_scales=(-1.0, 1.0))
     md = write_report(env / "run", env / "shards", "cpu", s, log=lambda m: None)
     out = md.parent
     for f in ("report.md", "report.json", "chunks_heatmap.png", "counterfactuals.png",
@@ -147,10 +147,14 @@ def test_report_on_random_weights(env):
         assert (out / f).is_file(), f
     text = md.read_text()
     assert "80/10/10" in text and "standardised" in text and "2 inversion and 2 reverse steps" in text
+    # The manipulation grid: the synthetic set has no binary attribute, so the first categorical one.
+    assert "## Attribute manipulation" in text and "(manipulate_shape=circle.png)" in text
+    assert (out / "manipulate_shape=circle.png").is_file()
     numbers = json.loads((out / "report.json").read_text())  # strict JSON: NaN became null
     assert [g["dim_hi"] for g in numbers["chunks"]["groups"]] == [10, 35, 362, 462, 512]
     assert set(numbers["fine_vs_coarse"]) >= {"fine", "coarse"}
     assert numbers["sizes"] == {"train": 120, "val": 15, "test": 15}
+    assert numbers["manipulation"]["attribute"] == "shape" and len(numbers["manipulation"]["positions"]) == 2
 
 
 def test_counterfactual_cells_are_the_algebra_decoded(env):

@@ -48,6 +48,7 @@ from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed
                                           setup_distributed)
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.ema import EMA
+from diti_fast.engine.visuals import Visuals
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
 from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm
@@ -180,6 +181,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     total = cfg.total_steps()
     meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, device)
     logger = Logger(run_dir, rank == 0, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)
+    visuals = Visuals(cfg, run_dir, rank == 0, logger.tb)  # grids every log.visuals_every steps (0: off)
     stop = StopSignal(cfg.checkpoint.on_signal, world)
     samples = SampleLog(run_dir, rank, world) if cfg.debug.sample_log else None
     bar = None
@@ -237,6 +239,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                 decay = min(cfg.ema.decay, (1 + n) / (10 + n)) if cfg.ema.warmup else cfg.ema.decay
                 ema.update(finite * (1.0 - decay))  # weight 0 on a skipped step: the EMA stays put
             meter.add_step(finite)
+            visuals.maybe(step, objective, ema, x0)
             if bar is not None:
                 bar.update(1)
 

@@ -74,7 +74,12 @@ def check_init_ddpm(cfg: TrainConfig) -> Path:
     """Before any work: the frozen DDPM exists and (for our exports) was trained with this UNet."""
     path = _init_ddpm_path(cfg)
     if path.suffix != ".safetensors":
-        return path  # the original's format holds no config: its keys/shapes are checked on load
+        # The original's checkpoint holds no config; its keys/shapes are checked on load, and the
+        # config.yml beside it (when present) for what shapes cannot show (heads, attention order).
+        if (path.parent / "config.yml").is_file():
+            from diti_fast.import_original import check_ddpm_config
+            check_ddpm_config(cfg.model, path.parent / "config.yml")
+        return path
     try:
         _, meta = load_weights(path, tensors=False)
     except CheckpointError as e:

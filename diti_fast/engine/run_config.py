@@ -101,8 +101,14 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    # The original's rule lr · (per-GPU batch) / 32, per-GPU batch = global batch / ranks. It makes
-    # the effective lr depend on the number of ranks; off gives the same lr everywhere.
+    # How optim.lr scales with the batch (see TrainConfig.lr and docs/training.md):
+    #   per_gpu: the original's lr · (per-GPU batch) / 32, per-GPU batch = global batch / ranks; the
+    #            paper's 4 GPUs x 32 keep lr, 8 GPUs x 16 halve it;
+    #   global:  lr · (global batch) / 128: the paper's lr for its 128 images whatever the number of GPUs;
+    #   none:    lr as given;
+    #   auto:    per_gpu, except none for diti.mode=pdae (the original's PDAE trainer uses the raw lr).
+    lr_rule: Literal["auto", "per_gpu", "global", "none"] = "auto"
+    # Legacy switch (false = lr_rule none); kept so existing configs still load.
     scale_lr_by_batch: bool = True
     grad_clip: float = 0.0         # 0 = none (the original); >0 makes DeepSpeed compute the norm (a sync)
 
@@ -128,6 +134,11 @@ class LogSection:
     every: int = 100               # steps between metric reductions (the only host syncs)
     t_buckets: int = 10            # loss per equal-width range of t
     progress: bool = True          # tqdm bar on rank 0
+    # Training-time visuals (engine/visuals.py): every N steps a grid of reconstructions (diti) and
+    # DDPM samples into RUN/visuals/ and TensorBoard; 0 = off. The original: 36 images, DDIM 100.
+    visuals_every: int = 0
+    visuals_num: int = 36
+    visuals_steps: int = 100       # DDIM steps (the original's ddim100); fewer make CPU runs affordable
     # "auto": TensorBoard events when the tensorboard package is installed; true: required (an error
     # before any work when it is missing); false: never.
     tensorboard: bool | Literal["auto"] = "auto"
@@ -219,6 +230,10 @@ class TrainConfig:
             raise ConfigError(f"{w}.optim.betas must lie in [0, 1), got {list(self.optim.betas)}")
         if self.optim.eps <= 0 or self.optim.weight_decay < 0 or self.optim.grad_clip < 0:
             raise ConfigError(f"{w}.optim: eps must be positive, weight_decay and grad_clip non-negative")
+        if self.log.visuals_every < 0 or self.log.visuals_num < 1 or not \
+                1 <= self.log.visuals_steps <= self.model.diffusion.timesteps:
+            raise ConfigError(f"{w}.log: visuals_every must be >= 0, visuals_num >= 1 and visuals_steps in "
+                              f"[1, {self.model.diffusion.timesteps}]")
         if self.log.every < 1 or self.log.t_buckets < 1:
             raise ConfigError(f"{w}.log.every and {w}.log.t_buckets must be >= 1")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1 or self.checkpoint.signal_sync_every < 1 \
@@ -265,10 +280,22 @@ class TrainConfig:
     def micro_batch(self, world_size: int) -> int:
         return self.data.batch_size // (world_size * self.deepspeed.grad_accum)
 
+    def lr_rule(self) -> str:
+        """The rule in force: auto resolved, the legacy scale_lr_by_batch=false honoured."""
+        rule = self.optim.lr_rule
+        if rule == "auto":
+            if not self.optim.scale_lr_by_batch:
+                return "none"
+            return "none" if self.stage == "diti" and self.diti.mode == "pdae" else "per_gpu"
+        return rule
+
     def lr(self, world_size: int) -> float:
-        if not self.optim.scale_lr_by_batch:
-            return self.optim.lr
-        return self.optim.lr * (self.data.batch_size // world_size) / 32.0
+        rule = self.lr_rule()
+        if rule == "per_gpu":
+            return self.optim.lr * (self.data.batch_size // world_size) / 32.0
+        if rule == "global":
+            return self.optim.lr * self.data.batch_size / 128.0
+        return self.optim.lr
 
     def total_steps(self) -> int:
         return -(-self.run.max_images // self.data.batch_size)  # ceil: the original stops at >= max
@@ -416,9 +443,23 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _resolved_lr_rule(flat: dict) -> str:
+    """The lr rule a flattened resolved config trains with (configs saved before optim.lr_rule existed
+    only have scale_lr_by_batch): compared on resume instead of the two raw keys."""
+    rule = flat.get("optim.lr_rule", "auto")
+    if rule != "auto":
+        return rule
+    if flat.get("optim.scale_lr_by_batch", True) is False:
+        return "none"
+    return "none" if flat.get("stage") == "diti" and flat.get("diti.mode") == "pdae" else "per_gpu"
+
+
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between the saved and the new resolved config."""
     a, b = flatten(saved), flatten(current)
+    for f in (a, b):
+        f["optim.lr_rule"] = _resolved_lr_rule(f)
+        f.pop("optim.scale_lr_by_batch", None)
     diffs = []
     for k in sorted(set(a) | set(b)):
         if k.startswith(RESUME_MUTABLE) or k in RESUME_MUTABLE:

@@ -1,4 +1,5 @@
-"""Command-line wiring: ``diti-fast eval {probe,chunks,counterfactual,interpolate,reconstruct,report}`` and
+"""Command-line wiring: ``diti-fast eval {probe,chunks,regress,counterfactual,interpolate,reconstruct,
+manipulate,report}`` and
 ``diti-fast sample``. The main console script calls :func:`add_subcommands`; ``python -m diti_fast.eval``
 exposes the same commands without the ``eval`` word.
 
@@ -213,9 +214,55 @@ def cmd_reconstruct(args) -> int:
     from .counterfactual import reconstructions
     from .grids import save_grid
     sampler, x = _sampler_and_images(args, args.indices)
+    from .quality import reconstruction_quality
+    from .report import jsonable
     rows, labels, mse = reconstructions(sampler, x, args.steps, args.invert_steps, args.seed, args.ddpm_row)
     out = save_grid(_out(args, "reconstruction.png"), rows, labels, [f"#{i}" for i in args.indices])
-    print(f"reconstruction MSE ([-1, 1] units): {mse:.5f}\nwrote {out}")
+    q = reconstruction_quality(x, rows[1])
+    out.with_suffix(".json").write_text(json.dumps(jsonable({"indices": args.indices, "steps": args.steps,
+                                                             "invert_steps": args.invert_steps, **q}), indent=1))
+    print(f"reconstruction MSE ([-1, 1] units): {mse:.5f}; [0, 1] units: {q['mean_mse_01']:.5f}; "
+          f"PSNR {q['mean_psnr_db']:.2f} dB; SSIM {q['mean_ssim']:.4f} (scikit-image)\n"
+          f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+@_guard
+def cmd_regress(args) -> int:
+    from .features import cached_features, load_run, split_by_position
+    from .regress import RegressConfig, format_regress_table, regress
+    from .report import jsonable
+    device = _device(args.device)
+    ex = load_run(args.run, device)
+
+    def feats(path):
+        return cached_features(args.run, path, ex.encoder, device, args.feature_batch, args.max_samples,
+                               args.num_workers, log=lambda m: print(m, file=sys.stderr))
+
+    train = feats(args.data)
+    if args.test_data:
+        test, split = feats(args.test_data), "train: --data, test: --test-data"
+    else:
+        parts = split_by_position(train, ("train", "test"))
+        train, test, split = parts["train"], parts["test"], "--data split by position mod 10: 0-8 train, 9 test"
+    res = regress(train, test, RegressConfig(args.epochs, args.batch_size, args.lr, args.seed), args.attrs)
+    print(f"split: {split}")
+    print(format_regress_table(res))
+    out = _out(args, "regress.json")
+    out.write_text(json.dumps(jsonable({**res.to_json(), "split": split}), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+@_guard
+def cmd_manipulate(args) -> int:
+    from .manipulate import ManipConfig, run_manipulation
+    cfg = ManipConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                      mask_dims=args.mask_dims, seed=args.seed)
+    res = run_manipulation(args.run, args.data, args.attr, args.scales, _device(args.device), cfg, args.indices,
+                           args.num, args.classes, args.steps, args.invert_steps, args.max_samples,
+                           args.feature_batch, args.out, log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {res['json']}")
     return 0
 
 
@@ -310,6 +357,45 @@ def add_eval_commands(sub) -> None:
     _ddim_opts(p)
     p.add_argument("--out")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("regress", help="the original's attribute regression: Linear, MSE on raw targets "
+                                       "(Adam 1e-3, batch 64, 15 epochs), test Pearson r / MSE per epoch")
+    _run_data(p)
+    p.add_argument("--test-data", help="test shard set (default: position mod 10 = 9 of --data)")
+    p.add_argument("--attrs", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+                   help="comma-separated continuous attributes (default: every continuous attribute)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-samples", type=int, help="cap on samples read from each shard set")
+    p.add_argument("--feature-batch", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--out", help="JSON of the results (default RUN/eval/regress.json)")
+    p.set_defaults(func=cmd_regress)
+
+    p = sub.add_parser("manipulate", help="edit images along an attribute's linear-classifier direction in z")
+    _run_data(p)
+    p.add_argument("--attr", required=True, help="a binary or categorical attribute of the data's manifest")
+    p.add_argument("--class", dest="classes", action="append",
+                   help="class of a categorical attribute to edit towards (repeatable; default: every class)")
+    p.add_argument("--scales", type=_floats, default=[-1.0, -0.6, -0.2, 0.0, 0.2, 0.6, 1.0],
+                   help="edit strengths s in z + s·√D·ŵ (the notebook: -1 to 1 in steps of .2)")
+    p.add_argument("--indices", type=_ints, help="positions of the images to edit (default: the first --num "
+                   "of the held-out split, position mod 10 = 9)")
+    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--mask-dims", type=int, default=16, help="dims kept by the d′ sparsity mask (0 = all)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-samples", type=int, help="cap on samples read from --data")
+    p.add_argument("--feature-batch", type=int, default=256)
+    _ddim_opts(p, steps=100, invert=1000)
+    p.add_argument("--out", help="output folder (default RUN/eval/manipulate; statistics and classifiers are "
+                   "always cached there)")
+    p.set_defaults(func=cmd_manipulate)
 
     p = sub.add_parser("report", help="write RUN/report/report.md with probes, chunk heatmap and grids")
     _run_data(p, splits=True)

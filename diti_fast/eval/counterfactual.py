@@ -71,11 +71,16 @@ class Sampler:
         cfg = ex.model_cfg
         self.ex, self.device = ex, torch.device(device)
         self.sched = make_schedule(cfg.diffusion, self.device)
-        self.masks = TimestepMasks.build(cfg.masks, cfg.unet.latent_dim, cfg.diffusion.timesteps, self.device)
+        # A PDAE run trained its decoder on the whole z at every t: sample it as the original does,
+        # without DiTi's time-step masks (None = unmasked in masked_ddim).
+        self.pdae = (ex.config.get("diti") or {}).get("mode") == "pdae"
+        self.masks = None if self.pdae else TimestepMasks.build(cfg.masks, cfg.unet.latent_dim,
+                                                                cfg.diffusion.timesteps, self.device)
+        self._k_masks = TimestepMasks.build(cfg.masks, cfg.unet.latent_dim, cfg.diffusion.timesteps, self.device)
 
     @property
     def end_dims(self) -> list[int]:
-        return self.masks.end_dims.tolist()
+        return self._k_masks.end_dims.tolist()  # the chunk layout, also for a PDAE run's z
 
     @torch.no_grad()
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -84,8 +89,10 @@ class Sampler:
     def invert(self, x0: torch.Tensor, z: torch.Tensor, steps: int) -> torch.Tensor:
         return masked_ddim(self.ex.decoder, x0, z, self.sched, self.masks, steps=steps, inverse=True)
 
-    def decode(self, x_T: torch.Tensor, z: torch.Tensor, steps: int, batch: int = 64) -> torch.Tensor:
-        return torch.cat([masked_ddim(self.ex.decoder, x_T[i:i + batch], z[i:i + batch], self.sched, self.masks,
+    def decode(self, x_T: torch.Tensor, z: torch.Tensor, steps: int, batch: int = 64,
+               masked: bool = True) -> torch.Tensor:
+        masks = self.masks if masked else None
+        return torch.cat([masked_ddim(self.ex.decoder, x_T[i:i + batch], z[i:i + batch], self.sched, masks,
                                       steps=steps, inverse=False) for i in range(0, len(x_T), batch)])
 
 

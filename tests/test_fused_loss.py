@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 from diti_fast.config import DiffusionConfig  # noqa: E402
 from diti_fast.diffusion import make_schedule  # noqa: E402
-from diti_fast.kernels._common import use_triton  # noqa: E402
+from diti_fast.kernels._common import INTERPRET, use_triton  # noqa: E402
 from diti_fast.kernels.fused_loss import ddpm_loss, diti_loss, diti_loss_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,9 +83,13 @@ def test_half_inputs_give_fp32_accurate_outputs(shape, dtype):
     ref_loss, ref_ps, ref_grad = formula(eps, eps_hat, g.detach(), t, SCHED.shift_coef, SCHED.weight)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=0)
     torch.testing.assert_close(per_sample.double(), ref_ps, rtol=2e-6, atol=0)
-    half_ulp = 2.0 ** -9 if dtype == torch.bfloat16 else 2.0 ** -12  # relative, round to nearest
-    bound = (half_ulp + 2e-6) * ref_grad.abs() + 1e-30
-    assert ((g.grad.double() - ref_grad).abs() <= bound).all()
+    # One ulp of G's dtype is at most 2^-7 (bf16) / 2^-10 (fp16) of the value, and fp16's subnormal
+    # spacing 2^-24 below its normal range (tiny w_t·c_t at small t reaches it). Compiled Triton rounds
+    # the fp32 gradient to nearest (half an ulp); Triton's interpreter truncates fp32 -> bf16 (one ulp).
+    ulp, tiny = (2.0 ** -7, 0.0) if dtype == torch.bfloat16 else (2.0 ** -10, 2.0 ** -24)
+    rounding = 1.0 if (INTERPRET and not g.is_cuda) else 0.5
+    err = (g.grad.double() - ref_grad).abs()
+    assert (err <= rounding * (ulp * ref_grad.abs() + tiny) + 2e-6 * ref_grad.abs()).all()
 
 
 @needs_kernel

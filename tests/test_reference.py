@@ -327,37 +327,33 @@ def _hand_chunk_mask(t: torch.Tensor, dim: int = 512) -> torch.Tensor:
     return ((d >= lo[:, None]) & (d < torch.tensor([MAIN_END_DIMS[c] for c in chunk])[:, None])).float()
 
 
-@pytest.mark.parametrize("mode", ["base", "stop_grad", "dual", "pdae"])
-def test_diti_loss_modes_match_a_float64_formula(mode):
-    """Each mode's loss and encoder / shift-decoder gradients against the spec written out here in
-    float64: L(cond) = mean(w_t·(ε − ε̂ − c_t·G)²) with x_t = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε; base
-    conditions on z ⊙ m_t, stop_grad has base's value but sends the encoder only the current chunk's
-    cotangent, dual = base + stop_grad, pdae conditions on the unmasked z."""
+def test_diti_loss_modes_match_a_float64_formula():
+    """Each mode's loss and its gradients (to z and to the shift decoder) against the spec written out
+    here in float64: L(cond) = mean(w_t·(ε − ε̂ − c_t·G)²), x_t = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε; base
+    conditions on z ⊙ m_t; stop_grad has base's value but sends z only the current chunk's cotangent;
+    dual = base + stop_grad; pdae conditions on the unmasked z."""
     from diti_fast.losses import diti_loss
-    cfg, enc, dec = _tiny_models(seed=3)
+    cfg, _, dec = _tiny_models(seed=3)
     with torch.no_grad():
         for p in dec.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
-    enc, dec = enc.double(), dec.double()
+    dec = dec.double()
     sched = make_schedule(cfg.diffusion)
     masks = TimestepMasks.build(cfg.masks, 512, 1000)
     gen = torch.Generator().manual_seed(4)
-    x0 = torch.rand(3, 3, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1
-    noise = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64)
-    t = torch.tensor([30, 400, 700])
-    enc_params = list(enc.parameters())
+    x0 = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    z = torch.randn(2, 512, generator=gen, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([30, 700])
     dec_params = list(dec.trainable_parameters())
 
-    out = diti_loss(enc, dec, x0, t, noise, sched, masks, mode)
-    got = torch.autograd.grad(out.loss, enc_params + dec_params)
-
     # -- the formula
-    view = (3, 1, 1, 1)
+    view = (2, 1, 1, 1)
     ab = sched.alphas_cumprod.double()[t].view(view)
     c, w = sched.shift_coef.double()[t].view(view), sched.weight.double()[t].view(view)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    z = enc(x0)
     m, k = _hand_mask(t).double(), _hand_chunk_mask(t).double()
+    assert torch.count_nonzero(k * (1 - m)) == 0 and k.sum() > 0
 
     def branch(cond_value):
         cond = cond_value.detach().requires_grad_(True)
@@ -366,24 +362,23 @@ def test_diti_loss_modes_match_a_float64_formula(mode):
         d_cond, *d_dec = torch.autograd.grad(loss, [cond] + dec_params)
         return loss, d_cond, d_dec
 
-    if mode == "pdae":
-        value, u, d_dec = branch(z)
-        cotangent = u
-    else:
-        value, u, d_dec = branch(z * m)   # base and stop_grad branches have the same value
-        cotangent = {"base": u * m, "stop_grad": u * k, "dual": u * (m + k)}[mode]
-        if mode == "dual":
-            value, d_dec = 2 * value, [2 * d for d in d_dec]
-    d_enc = torch.autograd.grad(z, enc_params, cotangent)
-    assert torch.count_nonzero(k * (1 - m)) == 0 and k.sum() > 0
-    torch.testing.assert_close(out.loss.double(), value, rtol=1e-6, atol=0)
-    want = list(d_enc) + d_dec
-    # The loss is accumulated in fp32 (as in training): float32 rounding relative to the largest
-    # gradient (parameters feeding a GroupNorm have a true gradient of 0 and get only that noise).
-    gmax = max(b.abs().max().item() for b in want)
-    for name, a, b in zip([f"enc.{i}" for i in range(len(d_enc))] + [f"dec.{i}" for i in range(len(d_dec))],
-                          got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * gmax, msg=name)
+    masked, unmasked = branch(z * m), branch(z)
+    expected = {  # mode: (value, dL/dz, dL/d shift decoder)
+        "base": (masked[0], masked[1] * m, masked[2]),
+        "stop_grad": (masked[0], masked[1] * k, masked[2]),
+        "dual": (2 * masked[0], masked[1] * (m + k), [2 * d for d in masked[2]]),
+        "pdae": unmasked,
+    }
+    for mode, (value, dz, d_dec) in expected.items():
+        out = diti_loss(None, dec, x0, t, noise, sched, masks, mode, z=z)
+        got_dz, *got_dec = torch.autograd.grad(out.loss, [z] + dec_params)
+        # The loss is accumulated in fp32 (as in training): float32 rounding relative to the largest
+        # gradient (parameters feeding a GroupNorm have a true gradient of 0 and get only that noise).
+        torch.testing.assert_close(out.loss.double(), value, rtol=1e-6, atol=0, msg=mode)
+        want = [dz] + d_dec
+        gmax = max(b.abs().max().item() for b in want)
+        for i, (a, b) in enumerate(zip([got_dz] + got_dec, want)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * gmax, msg=f"{mode}: gradient {i}")
 
 
 # ----------------------------------------------------------------------------- samplers (closed form)

@@ -189,10 +189,12 @@ def test_a_nan_step_leaves_module_ema_and_optimizer_bitwise_as_the_step_before(t
 # 8 bits, so 3e-2 relative on every step. compile runs on the smallest UNet (ddpm stage, one level,
 # 8 px): a cold Inductor compile of the DiTi models costs minutes on a 2-core CPU.
 DITI = ["diti.mode=dual", "run.max_images=12", "run.precision=fp32"]
+# Interpreted Triton pays per program and op: the fused run keeps to base mode and 2 steps.
+DITI_SHORT = ["diti.mode=base", "run.max_images=8", "run.precision=fp32"]
 DDPM_SMALL = ["stage=ddpm", "data.image_size=8", "model.unet.channel_multiplier=[1]",
               "model.unet.attention_resolutions=[]", "run.max_images=12", "run.precision=fp32"]
 SWITCHES = {
-    "fused": (DITI, ["fast.fused_norm=true", "fast.fused_loss=true"], 1e-5, 1e-3),
+    "fused": (DITI_SHORT, ["fast.fused_norm=true", "fast.fused_loss=true"], 1e-5, 1e-3),
     "bf16": (DITI, ["run.precision=bf16"], 3e-2, 3e-2),
     "compile": (DDPM_SMALL, ["fast.compile=true"], 1e-5, 1e-3),
 }
@@ -238,13 +240,14 @@ def test_speed_switches_train_like_the_plain_fp32_run(switch, tmp_path, ddpm_exp
             dict(counters["inductor"])
         assert not counters["graph_break"], dict(counters["graph_break"])
     ref, got = metrics(plain), metrics(tmp_path)
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3]
+    steps = len(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, steps + 1)) and steps >= 2
     for r, g in zip(ref, got):
         tol = first_tol if r["step"] == 1 else later_tol
         assert abs(g["loss"] - r["loss"]) <= tol * abs(r["loss"]), (switch, r["step"], g["loss"], r["loss"])
-    a, b = _state(plain, 3)["module"], _state(tmp_path, 3)["module"]
+    a, b = _state(plain, steps)["module"], _state(tmp_path, steps)["module"]
     if "stage=ddpm" not in base:
         shift = "decoder.shift_out.2.weight"
         assert not torch.equal(a[shift], torch.zeros_like(a[shift]))  # the shift branch moved
-    for k in a:  # two runs' Adam updates differ by at most ~2·lr per step: 3 steps at lr 1e-3
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2 * 3 * 1e-3, msg=k)
+    for k in a:  # two runs' Adam updates differ by at most ~2·lr per step (lr 1e-3)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2 * steps * 1e-3, msg=k)

@@ -4,8 +4,11 @@
 
 Two scopes per preset level: ``attn`` (qkv_attention alone, gradient to qkv) and ``block`` (an
 AttentionBlock: GroupNorm -> qkv 1x1 conv -> attention -> proj 1x1 conv -> residual, gradients to
-the input and the weights). ``extra_info`` records each backend's speed-up over ``math``
-(goal on an H200: sdpa >= 3x math at the 16x16 level); ``-s`` prints a summary table.
+the input and the weights). ``extra_info`` records each backend's speed-up over ``math`` (goal on
+an H200: sdpa >= 3x math at the 16x16 level) and over ``math_compiled``, the same math formulation
+under torch.compile (Inductor fuses the scaling, softmax and casts around the two matmuls): the
+fair baseline for what a fused attention kernel adds beyond what the compiler already gets from
+the plain formulation. ``-s`` prints a summary table.
 
 On CUDA the tensors are bf16 (the dtype the fused kernels serve) and fp32; on CPU fp32 only, with
 the batch divided by CPU_BATCH_DIV so a run stays short: CPU numbers are ratios, nothing more.
@@ -31,7 +34,9 @@ LEVELS = {
     "celeba64-8x8": (64, 512, 8, 1),
     "ffhq128-16x16": (32, 512, 16, 1),
 }
-BACKENDS = ["math", "sdpa", "xformers"]  # math first: the others' ratios need its time
+# math first, then its compiled form: the others' ratios need their times.
+BACKENDS = ["math", "math_compiled", "sdpa", "xformers"]
+BASELINES = ("math", "math_compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _MEDIANS: dict[tuple[str, str, str], dict[str, float]] = {}
 
@@ -41,9 +46,10 @@ def _summary():
     yield
     if not _MEDIANS:
         return
-    print(f"\nAttention fwd+bwd per step (ms) and speed-up over math [{DEVICE}]:")
+    print(f"\nAttention fwd+bwd per step (ms) and speed-up over math / compiled math [{DEVICE}]:")
     for (level, scope, dtype), row in _MEDIANS.items():
-        cells = [f"{b}={row[b] * 1e3:.2f}" + (f" ({row['math'] / row[b]:.2f}x)" if "math" in row else "")
+        cells = [f"{b}={row[b] * 1e3:.2f}" + "".join(f" ({row[m] / row[b]:.2f}x {m})" for m in BASELINES
+                                                       if m in row and m != b)
                  for b in BACKENDS if b in row]
         print(f"  {level:>15} {scope:>5} {dtype:>4}: " + ", ".join(cells))
 
@@ -54,7 +60,9 @@ def _summary():
 @pytest.mark.parametrize("scope", ["attn", "block"])
 @pytest.mark.parametrize("level", list(LEVELS))
 def test_attention_fwd_bwd(benchmark, level, scope, dtype, new_order, backend):
-    reason = backend_unavailable_reason(backend, DEVICE)
+    compiled = backend == "math_compiled"
+    kernel = "math" if compiled else backend
+    reason = backend_unavailable_reason(kernel, DEVICE)
     if reason:
         pytest.skip(reason)
     if not CUDA and dtype == "bf16":
@@ -67,21 +75,26 @@ def test_attention_fwd_bwd(benchmark, level, scope, dtype, new_order, backend):
     torch.manual_seed(0)
     block = AttentionBlock(channels, num_heads=heads, new_order=new_order).to(DEVICE, DTYPES[dtype])
     torch.nn.init.normal_(block.proj_out.weight, std=0.02)  # zero-init would cut the attention's gradient
-    block.attention = backend
+    block.attention = kernel
     x = torch.randn(batch, channels, side, side, device=DEVICE, dtype=DTYPES[dtype], requires_grad=True)
     qkv = torch.randn(batch, 3 * channels, side * side, device=DEVICE, dtype=DTYPES[dtype], requires_grad=True)
 
+    def attn(q):
+        return qkv_attention(q, block.num_heads, new_order, kernel)
+
+    run_block, run_attn = block, attn
+    if compiled:
+        torch._dynamo.reset()
+        run_block, run_attn = torch.compile(block, fullgraph=True), torch.compile(attn, fullgraph=True)
+
     def steps():
         for _ in range(INNER):
-            if scope == "block":
-                out = block(x)
-            else:
-                out = qkv_attention(qkv, block.num_heads, new_order, backend)
+            out = run_block(x) if scope == "block" else run_attn(qkv)
             out.float().square().mean().backward()
         if CUDA:
             torch.cuda.synchronize()
 
-    steps()  # warm-up (cuDNN / kernel selection)
+    steps()  # warm-up (cuDNN / kernel selection; compilation for math_compiled)
     benchmark(steps)
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: ran once as a smoke test
@@ -91,5 +104,6 @@ def test_attention_fwd_bwd(benchmark, level, scope, dtype, new_order, backend):
     row[backend] = per_step
     benchmark.extra_info.update(device=DEVICE, batch=batch, channels=channels, tokens=side * side,
                                 heads=heads, per_step_ms=per_step * 1e3)
-    if "math" in row and backend != "math":
-        benchmark.extra_info["speedup_vs_math"] = row["math"] / per_step
+    for base in BASELINES:
+        if base in row and backend != base:
+            benchmark.extra_info[f"speedup_vs_{base}"] = row[base] / per_step

@@ -12,9 +12,12 @@ Every case runs in its own process (clean peak memory, no shared compile caches)
   the warm-up steps (the compile time is reported separately as the first interval).
 * CPU, ``original`` (only when ``DITI_ORIGINAL`` points at an extracted copy of
   github.com/yue-zhongqi/diti, which is never part of this repository): the original's modules
-  (ShiftUNet, CELEBA64Encoder, GaussianDiffusion.pdae_timestep_loss) on the same configuration and
-  batch, stepped the way its trainer steps them: forward, ``loss.item()``, backward, torch Adam,
-  the per-parameter EMA loop. Its training script needs CUDA + DDP, so only the step is timed.
+  (ShiftUNet, CELEBA64Encoder, GaussianDiffusion.pdae_timestep_loss) on the same configuration,
+  stepped the way its trainer steps them: forward, ``loss.item()``, backward, torch Adam, the
+  per-parameter EMA loop. Its training script needs CUDA + DDP, so only the step is timed. It starts
+  from the same weights as ``eager`` and sees the same fixed batch and the same t and ε per step
+  (its own draws are replaced by the engine's), so the two loss curves differ only by the
+  implementations' rounding: the table's loss comparison is like against like.
 * CUDA: the celeba64 preset against ``celeba64_original`` (fp32, eager, math attention, unfused),
   200 steps each, loss curves compared (benchmarks/gpu_check.py runs the same pair on a GPU
   machine and writes the docs table).
@@ -122,8 +125,55 @@ def worker_ours(case: str, steps: int, threads: int, out: Path) -> None:
     out.write_text(json.dumps(res))
 
 
+class _SameDraws:
+    """Inside the block, torch.randint / torch.randn / torch.randn_like hand out the given t and ε
+    (the engine's own draws for these samples) when asked for their shape, so the original's loss,
+    which draws t and ε itself, sees exactly what our engine sees. Both must be taken, or the
+    comparison would be between unrelated draws: __exit__ says so."""
+
+    def __init__(self, t, eps):
+        import torch
+        self.torch, self.t, self.eps, self.used = torch, t, eps, set()
+
+    def __enter__(self):
+        torch, real = self.torch, (self.torch.randint, self.torch.randn, self.torch.randn_like)
+        self.real = real
+
+        def randint(*args, **kw):
+            size = kw.get("size", args[-1] if args else None)
+            if size is not None and tuple(size) == tuple(self.t.shape):
+                self.used.add("t")
+                return self.t.clone().to(kw.get("device") or self.t.device)
+            return real[0](*args, **kw)
+
+        def randn(*size, **kw):
+            shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+            if shape == tuple(self.eps.shape):
+                self.used.add("eps")
+                return self.eps.clone()
+            return real[1](*size, **kw)
+
+        def randn_like(x, **kw):
+            if tuple(x.shape) == tuple(self.eps.shape):
+                self.used.add("eps")
+                return self.eps.clone().to(x.dtype)
+            return real[2](x, **kw)
+
+        torch.randint, torch.randn, torch.randn_like = randint, randn, randn_like
+        return self
+
+    def __exit__(self, *exc):
+        self.torch.randint, self.torch.randn, self.torch.randn_like = self.real
+        if exc[0] is None and self.used != {"t", "eps"}:
+            raise RuntimeError(f"the original's loss did not draw {sorted({'t', 'eps'} - self.used)} through "
+                               "torch.randint/randn/randn_like: cannot give it the engine's draws")
+
+
 def worker_original(steps: int, threads: int, out: Path) -> None:
-    """The original's modules and step, on the CPU bench configuration (see the module docstring)."""
+    """The original's modules and step on the CPU bench configuration (see the module docstring),
+    fed like against like with the ``eager`` case: the same initial weights (our Objective built with
+    the run's seed and frozen DDPM, copied into the original's modules, whose parameter names are
+    the same), the same fixed batch x0, and per step the same t and ε (our index-keyed draws)."""
     import torch
     root = os.environ["DITI_ORIGINAL"]
     sys.path.insert(0, root)
@@ -132,41 +182,57 @@ def worker_original(steps: int, threads: int, out: Path) -> None:
     from model.unet import ShiftUNet
 
     from diti_fast.config import to_dict
-    from diti_fast.masks import TimestepMasks
+    from diti_fast.engine import noise
+    from diti_fast.engine.microbatches import fixed_batch, to_model_input
+    from diti_fast.engine.objective import Objective, load_frozen_ddpm
     from diti_fast.engine.run_config import load_config
+    from diti_fast.masks import TimestepMasks
     if threads:
         torch.set_num_threads(threads)
-    cfg = load_config("celeba64", CPU_MODEL + ["data.source=fixed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        config, over = case_overrides("eager", steps, CPU_BATCH, tmp / "run", tmp / "ddpm.safetensors", threads)
+        _ddpm_export(config, CPU_MODEL, tmp / "ddpm.safetensors")
+        cfg = load_config(config, over)
+        torch.manual_seed(cfg.run.seed)  # as the engine does right before building its models
+        ours = Objective(cfg, torch.device("cpu"), autocast=False)
+        load_frozen_ddpm(ours.decoder, cfg)
     u = cfg.model.unet
-    torch.manual_seed(0)
     encoder = CELEBA64Encoder(latent_dim=u.latent_dim)
     decoder = ShiftUNet(**{**to_dict(u), "channel_multiplier": tuple(u.channel_multiplier),
                            "attention_resolutions": tuple(u.attention_resolutions)})
+    encoder.load_state_dict(ours.encoder.state_dict())
+    decoder.load_state_dict(ours.decoder.state_dict())
     for name in ("time_embed", "input_blocks", "middle_block", "output_blocks", "out"):
         getattr(decoder, name).requires_grad_(False)
     ema_enc = [p.detach().clone() for p in encoder.parameters()]
     ema_dec = [p.detach().clone() for p in decoder.parameters()]
     params = [p for p in list(encoder.parameters()) + list(decoder.parameters()) if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    o = cfg.optim
+    opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     diffusion = GaussianDiffusion(to_dict(cfg.model.diffusion), device="cpu")
-    tables = TimestepMasks.build(cfg.model.masks, u.latent_dim, cfg.model.diffusion.timesteps).tables()
-    t_to_idx = TimestepMasks.build(cfg.model.masks, u.latent_dim, cfg.model.diffusion.timesteps).t_to_idx
-    x0 = torch.rand(CPU_BATCH, 3, 64, 64) * 2 - 1
+    masks = TimestepMasks.build(cfg.model.masks, u.latent_dim, cfg.model.diffusion.timesteps)
+    tables, t_to_idx = masks.tables(), masks.t_to_idx
+    x0 = to_model_input(fixed_batch(cfg, 64), "cpu")
+    decay = cfg.ema.decay
     times, losses = [], []
     for step in range(steps):
+        index = torch.arange(step * CPU_BATCH, (step + 1) * CPU_BATCH)
+        t, eps = noise.draw(cfg.run.seed, index, tuple(x0.shape[1:]), cfg.model.diffusion.timesteps)
         t0 = time.perf_counter()
         encoder.train()
         decoder.set_train_mode()
         opt.zero_grad()
-        loss, _, _ = diffusion.pdae_timestep_loss(encoder, decoder, x0, t_to_idx, tables["masks"],
-                                                  tables["k_masks"], tables["receding_masks"], "base")
+        with _SameDraws(t, eps):
+            loss, _, _ = diffusion.pdae_timestep_loss(encoder, decoder, x0, t_to_idx, tables["masks"],
+                                                      tables["k_masks"], tables["receding_masks"], "base")
         losses.append(loss.item())  # the original logs the loss every step
         loss.backward()
         opt.step()
         with torch.no_grad():  # the original's EMA: one mul_/add_ pair per trainable parameter
             for ema, p in zip(ema_enc + ema_dec, list(encoder.parameters()) + list(decoder.parameters())):
                 if p.requires_grad:
-                    ema.mul_(0.9999).add_(p, alpha=1 - 0.9999)
+                    ema.mul_(decay).add_(p, alpha=1 - decay)
         times.append(time.perf_counter() - t0)
     steady = times[WARMUP:] or times
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,4 +1,5 @@
-"""Two ranks under ZeRO-2 (torchrun, DeepSpeed's CPU accelerator) end where one process ends.
+"""Two ranks under ZeRO-2 (torchrun, DeepSpeed's CPU accelerator) end where one process ends, and a
+NaN on one rank only is skipped on both.
 
 The global batch is the same fixed batch in both runs; t and ε are keyed by the global sample
 index, so the only difference is how the gradient is summed (per rank, then all-reduced): the
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from diti_fast.engine.loop import train
+from helpers import tree_diff
 from diti_fast.engine.run_config import apply_overrides, build_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,18 +63,30 @@ def test_two_rank_zero2_equals_one_process_on_the_combined_batch(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
+    # Step 3 is NaN on rank 1 only: rank 0's loss is finite, yet both ranks must skip the update
+    # (the all-reduced flag), so the final state is bitwise the state after step 2.
     two = tmp_path / "two"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(REPO / "diti_fast" / "train.py"), "--config", str(path), f"run.dir={two}"]
+           str(REPO / "diti_fast" / "train.py"), "--config", str(path), f"run.dir={two}",
+           "debug.nan_at_steps=[3]", "debug.nan_rank=1", "checkpoint.every=1"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "ranks=2" in proc.stdout and "micro 2 x accum 2 x 2" in proc.stdout
+    before, after = (two / f"checkpoints/step-0000000{s}" for s in (2, 3))
+    for name in ("model.pt", "rank-00000.pt", "rank-00001.pt"):
+        a_, b_ = (torch.load(d / name, weights_only=True) for d in (before, after))
+        for part in (("module", "ema") if name == "model.pt" else ("optimizer",)):
+            diffs = tree_diff(a_[part], b_[part])
+            assert diffs == [], f"{name} [{part}] changed by the skipped step: {diffs[:5]}"
+        if name != "model.pt":
+            steps = {float(v["step"]) for v in b_["optimizer"]["base_optimizer_state"]["state"].values()}
+            assert steps == {2.0}, (name, steps)
 
     one = tmp_path / "one"
-    train(build_config(apply_overrides(cfg, [f"run.dir={one}"]), "test"))
+    train(build_config(apply_overrides(cfg, [f"run.dir={one}", "debug.nan_at_steps=[3]"]), "test"))
 
     a = torch.load(one / "checkpoints/step-00000003/model.pt", weights_only=True)
     b = torch.load(two / "checkpoints/step-00000003/model.pt", weights_only=True)

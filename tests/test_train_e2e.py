@@ -1,11 +1,11 @@
-"""End to end through the command line: synthetic shards -> ddpm stage (crash, resume) -> diti stage.
-
-Runs ``python diti_fast/train.py`` as a script (the way the launchers start it) and the
-``diti-fast`` console entry, on a tiny model so the whole file takes well under a minute.
+"""End to end through the real commands: ``python -m data_shards make`` (synthetic shards) ->
+``python diti_fast/train.py`` stage ddpm (crash, resume) -> the installed ``diti-fast`` console script
+for the diti stage -> ``diti-fast eval report``, on a tiny model.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,11 +34,22 @@ def _run(args, cwd):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _console_script() -> str:
+    # The console script pip installed beside this interpreter (pyproject's [project.scripts]); not
+    # finding it is a packaging failure, not a reason to skip.
+    path = Path(sys.executable).parent / "diti-fast"
+    assert path.is_file(), f"{path} is missing: the package's console script is not installed"
+    return str(path)
+
+
 @pytest.mark.slow
-def test_ddpm_then_diti_on_synthetic_shards(tmp_path):
-    from data_shards.synthetic import make_synthetic_shards
+def test_ddpm_then_diti_on_synthetic_shards_then_report(tmp_path):
+    import torch
     shards = tmp_path / "data"
-    make_synthetic_shards(shards, 24, image_size=32, seed=0, maxcount=12)
+    made = _run([sys.executable, "-m", "data_shards", "make", "--source", "synthetic", "--num", "64",
+                 "--size", "32", "--maxcount", "16", "--seed", "0", "--no-progress", "--out", str(shards)], tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert json.loads((shards / "manifest.json").read_text())["num_samples"] == 64
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(dict(TINY, extends=str(REPO / "configs" / "shapes32.yaml"))))
     ddpm, diti = tmp_path / "ddpm", tmp_path / "diti"
@@ -58,11 +69,13 @@ def test_ddpm_then_diti_on_synthetic_shards(tmp_path):
     saved = yaml.safe_load((ddpm / "config.yaml").read_text())
     assert saved["stage"] == "ddpm" and saved["data"]["image_size"] == 32
 
-    entry = [sys.executable, "-c", "import sys; from diti_fast.cli import main; sys.exit(main())"]
-    out = _run(entry + ["train", "--config", str(cfg), f"run.dir={diti}", f"data.shards={shards}",
-                        f"init.ddpm={ddpm}", "run.max_images=12", "diti.mode=stop_grad"], tmp_path)
+    out = _run([_console_script(), "train", "--config", str(cfg), f"run.dir={diti}", f"data.shards={shards}",
+                f"init.ddpm={ddpm}", "run.max_images=48", "optim.lr=2e-3", "ema.decay=0.5",
+                "diti.mode=stop_grad"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "frozen DDPM from" in out.stdout
+    losses = [json.loads(line)["loss"] for line in (diti / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses), losses
 
     from diti_fast.weights import load_export
     d, u = load_export(diti), load_export(ddpm)
@@ -71,6 +84,42 @@ def test_ddpm_then_diti_on_synthetic_shards(tmp_path):
     # The DiTi export carries the frozen DDPM it was trained on, unchanged.
     frozen = {k: v for k, v in d.decoder.state_dict().items() if k in u.unet.state_dict()}
     assert frozen and all((v == u.unet.state_dict()[k]).all() for k, v in frozen.items())
+    # The shift branch (zero at init) moved, and it lowers DiTi's loss: the trained encoder and decoder
+    # on fixed images, t and ε against the same models with the shift output zeroed (= the loss at
+    # init, where G = 0 whatever the encoder gives).
+    shift = d.decoder.state_dict()["shift_out.2.weight"]
+    assert shift.abs().max() > 0
+    assert _diti_loss_on_fixed_batch(d, shards) < 0.95 * _diti_loss_on_fixed_batch(d, shards, zero_shift=True)
+
+    report = _run([_console_script(), "eval", "report", "--run", str(diti), "--data", str(shards),
+                   "--max-samples", "64", "--epochs", "2", "--steps", "2", "--invert-steps", "2",
+                   "--device", "cpu"], tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    numbers = json.loads((diti / "report" / "report.json").read_text())
+    assert numbers["sizes"]["train"] + numbers["sizes"]["val"] + numbers["sizes"]["test"] == 64
+    assert (diti / "report" / "report.md").is_file()
+    assert d.encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 64)
+
+
+def _diti_loss_on_fixed_batch(export, shards, zero_shift=False) -> float:
+    """DiTi's base loss of an export's encoder and decoder on 16 fixed images, t spread over [0, T), ε
+    from a fixed seed; optionally with the shift output layer zeroed (its state at init)."""
+    import copy
     import torch
-    x = torch.zeros(2, 3, 32, 32)
-    assert d.encoder(x).shape == (2, 64)
+    from diti_fast.diffusion import make_schedule
+    from diti_fast.eval.features import load_images
+    from diti_fast.losses import diti_loss
+    from diti_fast.masks import TimestepMasks
+    mc = export.model_cfg
+    decoder = copy.deepcopy(export.decoder).eval()
+    if zero_shift:
+        with torch.no_grad():
+            decoder.shift_out[2].weight.zero_()
+            decoder.shift_out[2].bias.zero_()
+    x0 = load_images(shards, list(range(16)))
+    t = torch.arange(16) * (mc.diffusion.timesteps // 16) + 30
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    masks = TimestepMasks.build(mc.masks, mc.unet.latent_dim, mc.diffusion.timesteps)
+    with torch.no_grad():
+        return float(diti_loss(export.encoder.eval(), decoder, x0, t, noise, make_schedule(mc.diffusion),
+                               masks, "base").loss)

@@ -15,6 +15,7 @@ import torch
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine.loop import NonFiniteLoss, train
 from diti_fast.engine.run_config import apply_overrides, build_config
+from helpers import spy_on_kernels, tree_diff
 
 TINY = {
     "model": {
@@ -125,21 +126,6 @@ def test_a_frozen_ddpm_of_another_architecture_is_refused_before_any_work(tmp_pa
     assert not (tmp_path / "config.yaml").exists()
 
 
-def _tree_equal(a, b, path="") -> list[str]:
-    """Paths where two nested checkpoint structures differ (tensors compared bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        return [] if isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b) else [path]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or set(a) != set(b):
-            return [path + " (keys)"]
-        return [d for k in a for d in _tree_equal(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return [path + " (len)"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _tree_equal(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path]
-
-
 def test_killed_by_a_signal_and_resumed_is_bit_identical(tmp_path, ddpm_export, shards):
     # DiTi on shards (hflip, 2 epochs of 8 micro-batches), ZeRO-2, accumulation 2, dropout on:
     # the resume must restore weights, EMA, Adam moments, the dropout RNG and the data position.
@@ -160,8 +146,108 @@ def test_killed_by_a_signal_and_resumed_is_bit_identical(tmp_path, ddpm_export, 
 
     a, b = full / "checkpoints/step-00000008", cut / "checkpoints/step-00000008"
     for name in ("model.pt", "rank-00000.pt"):
-        diffs = _tree_equal(torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True))
+        diffs = tree_diff(torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True))
         assert diffs == [], f"{name} differs at {diffs[:5]}"
     # The logged losses after the resume are those of the uninterrupted run, too.
     after = lambda recs: [(r["step"], r["loss"]) for r in recs if r["step"] > 5]  # noqa: E731
     assert after(metrics(full)) == after(metrics(cut)) and len(after(metrics(cut))) == 3
+
+
+# ----------------------------------------------------------------------------- NaN skip is exact
+
+def _state(run_dir: Path, step: int) -> dict:
+    """Module, EMA and optimiser state of a checkpoint (the data position and RNG left out)."""
+    d = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    model = torch.load(d / "model.pt", weights_only=True)
+    return {"module": model["module"], "ema": model["ema"],
+            "optimizer": torch.load(d / "rank-00000.pt", weights_only=True)["optimizer"]}
+
+
+def test_a_nan_step_leaves_module_ema_and_optimizer_bitwise_as_the_step_before(tmp_path):
+    # ZeRO-2 (partitioned fp32 master copy and Adam moments): a 2-step run whose step 2 is NaN ends
+    # exactly where a 1-step run ends, torch.equal on every tensor.
+    common = ["stage=ddpm", "data.image_size=16", "deepspeed.zero_stage=2"]
+    assert train(tiny(tmp_path / "one", *common, "run.max_images=4")).step == 1
+    assert train(tiny(tmp_path / "two", *common, "run.max_images=8", "debug.nan_at_steps=[2]")).step == 2
+    assert [r["nonfinite_steps"] for r in metrics(tmp_path / "two")] == [0, 1]
+    one, two = _state(tmp_path / "one", 1), _state(tmp_path / "two", 2)
+    diffs = tree_diff(one, two)
+    assert diffs == [], f"the skipped step changed {diffs[:5]}"
+    # ... and the comparison can see a step: without the NaN, step 2 moves all three.
+    assert train(tiny(tmp_path / "ref", *common, "run.max_images=8")).step == 2
+    moved = {p.split(".")[1] for p in tree_diff(one, _state(tmp_path / "ref", 2))}
+    assert {"module", "ema", "optimizer"} <= moved, moved
+
+
+# ----------------------------------------------------------------------------- speed switches
+
+# Each switch against the plain fp32 run of the same config (same init, same t/ε, same batches): the
+# loss at step 1 (before any update) and the loss curve of the following steps, and the final
+# weights. Stated tolerances: fp32 switches (fused kernels, compile) change only the rounding, so
+# step 1 agrees to 1e-5 relative and later steps to 1e-3 (Adam turns rounding-level gradient
+# differences into up to lr-sized steps on near-zero gradients); bf16 autocast rounds activations to
+# 8 bits, so 3e-2 relative on every step. compile runs on the smallest UNet (ddpm stage, one level,
+# 8 px): a cold Inductor compile of the DiTi models costs minutes on a 2-core CPU.
+DITI = ["diti.mode=dual", "run.max_images=12", "run.precision=fp32"]
+# Interpreted Triton pays per program and op: the fused run keeps to base mode and 2 steps.
+DITI_SHORT = ["diti.mode=base", "run.max_images=8", "run.precision=fp32"]
+DDPM_SMALL = ["stage=ddpm", "data.image_size=8", "model.unet.channel_multiplier=[1]",
+              "model.unet.attention_resolutions=[]", "run.max_images=12", "run.precision=fp32"]
+SWITCHES = {
+    "fused": (DITI_SHORT, ["fast.fused_norm=true", "fast.fused_loss=true"], 1e-5, 1e-3),
+    "bf16": (DITI, ["run.precision=bf16"], 3e-2, 3e-2),
+    "compile": (DDPM_SMALL, ["fast.compile=true"], 1e-5, 1e-3),
+}
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory, ddpm_export):
+    """The plain fp32 run of each base config, trained once per module."""
+    cache = {}
+
+    def get(base):
+        key = tuple(base)
+        if key not in cache:
+            run = tmp_path_factory.mktemp("plain")
+            assert train(tiny(run, *_with_ddpm(base, ddpm_export))).status == "done"
+            cache[key] = run
+        return cache[key]
+    return get
+
+
+def _with_ddpm(base, ddpm_export):
+    return base if "stage=ddpm" in base else [f"init.ddpm={ddpm_export}", *base]
+
+
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_speed_switches_train_like_the_plain_fp32_run(switch, tmp_path, ddpm_export, plain_runs, monkeypatch):
+    base, overrides, first_tol, later_tol = SWITCHES[switch]
+    plain = plain_runs(base)
+    launches = []
+    if switch == "fused":  # the kernels must really run (interpreted Triton on CPU)
+        import diti_fast.kernels.fused_loss as fl
+        import diti_fast.kernels.fused_norm as fn
+        launches = spy_on_kernels(monkeypatch, {fl: ["_partial_kernel"], fn: ["_agn_fwd_kernel", "_agn_bwd_kernel"]})
+    if switch == "compile":
+        torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+        counters.clear()
+    assert train(tiny(tmp_path, *_with_ddpm(base, ddpm_export), *overrides)).status == "done"
+    if switch == "fused":
+        assert {"_partial_kernel", "_agn_fwd_kernel", "_agn_bwd_kernel"} <= set(launches), set(launches)
+    if switch == "compile":  # Inductor compiled the graph, without graph breaks
+        assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] > 0, \
+            dict(counters["inductor"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    ref, got = metrics(plain), metrics(tmp_path)
+    steps = len(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, steps + 1)) and steps >= 2
+    for r, g in zip(ref, got):
+        tol = first_tol if r["step"] == 1 else later_tol
+        assert abs(g["loss"] - r["loss"]) <= tol * abs(r["loss"]), (switch, r["step"], g["loss"], r["loss"])
+    a, b = _state(plain, steps)["module"], _state(tmp_path, steps)["module"]
+    if "stage=ddpm" not in base:
+        shift = "decoder.shift_out.2.weight"
+        assert not torch.equal(a[shift], torch.zeros_like(a[shift]))  # the shift branch moved
+    for k in a:  # two runs' Adam updates differ by at most ~2·lr per step (lr 1e-3)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2 * steps * 1e-3, msg=k)

@@ -19,15 +19,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # gpucheck/ is a folder of plain modules beside the scripts
+from gpucheck import children, kernel_tests, results, settings  # noqa: E402
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # plot_results imports gpu_check by name: one module object for both
     spec.loader.exec_module(mod)
     return mod
 
 
-gc = _load("gpu_check")
 pr = _load("plot_results")
 
 
@@ -38,7 +40,7 @@ def _fresh_copy(dst: Path) -> Path:
         if (REPO / d).is_dir():
             shutil.copytree(REPO / d, dst / d, ignore=skip)
     (dst / "tests").mkdir()
-    for t in gc.KERNEL_TESTS:
+    for t in settings.KERNEL_TESTS:
         if (REPO / t).is_file():
             shutil.copy2(REPO / t, dst / t)
     return dst
@@ -52,10 +54,10 @@ def test_dry_run_in_an_uninstalled_copy_prints_the_plan_and_the_environment(tmp_
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
     # the plan: every phase, its output file and the engine's two configurations
-    for phase, fname in gc.OUTPUTS.items():
+    for phase, fname in settings.OUTPUTS.items():
         assert fname in out, fname
     assert "configs/celeba64_original.yaml" in out and "configs/celeba64.yaml" in out
-    assert f"{gc.ENGINE_STEPS} steps" in out and "summary.md" in out
+    assert f"{settings.ENGINE_STEPS} steps" in out and "summary.md" in out
     # the environment check: versions, CUDA, packages, and the code under test from the copy. The
     # venv's editable install maps diti_fast.kernels to the original checkout; only the shim can
     # make it resolve inside the copy.
@@ -67,7 +69,7 @@ def test_dry_run_in_an_uninstalled_copy_prints_the_plan_and_the_environment(tmp_
 
 
 def test_the_shim_maps_kernels_and_chains_to_a_shadowed_sitecustomize(tmp_path):
-    shim = gc.write_shim(tmp_path / "shim")
+    shim = children.write_shim(tmp_path / "shim")
     other = tmp_path / "other"
     other.mkdir()
     (other / "sitecustomize.py").write_text("import builtins\nbuiltins._chained_site_ran = True\n")
@@ -131,7 +133,7 @@ def _write_results(d: Path) -> dict:
                      "loss_curve": curve_o},
         "fast": {"status": "ok", "steps_done": 200, "images_per_s_steady": 1234.5, "peak_memory_bytes": 12 * 2 ** 30,
                  "loss_curve": curve_f}}}
-    eng["comparison"] = gc.compare_runs(eng["runs"]["fast"], eng["runs"]["original"], 200)
+    eng["comparison"] = results.compare_runs(eng["runs"]["fast"], eng["runs"]["original"], 200)
     for name, obj in (("env", env), ("ceilings", ceil), ("kernel_tests", kt), ("bench_kernels", bench),
                       ("engine", eng)):
         (d / f"{name}.json").write_text(json.dumps(obj))
@@ -224,30 +226,30 @@ def test_engine_throughput_excludes_the_compile_interval_and_loss_curves_are_com
         secs = 60.0 if i == 0 else 1.0
         recs.append({"step": s, "images": s * 128, "images_per_s": 1280 / secs, "loss": 0.3,
                      "peak_memory_bytes": 1000 + s})
-    summ = gc.summarise_run(recs)
+    summ = results.summarise_run(recs)
     assert summ["steps_done"] == 200 and summ["steady_from_step"] == 50
     assert summ["images_per_s_steady"] == pytest.approx(1280.0)
     assert summ["first_interval_s"] == pytest.approx(60.0)
     assert summ["peak_memory_bytes"] == 1200
     other = dict(summ, loss_curve=[[s, 0.3 * 1.2] for s, _ in summ["loss_curve"]])
-    cmp_ = gc.compare_runs(summ, other, 200)
+    cmp_ = results.compare_runs(summ, other, 200)
     assert cmp_["loss_window"] == [101, 200]
     assert cmp_["loss_rel_diff"] == pytest.approx(1 / 6) and cmp_["loss_curves_match"] is False
-    assert gc.compare_runs(summ, summ, 200)["loss_curves_match"] is True
-    assert gc.compare_runs(summ, summ, 400)["complete"] is False
+    assert results.compare_runs(summ, summ, 200)["loss_curves_match"] is True
+    assert results.compare_runs(summ, summ, 400)["complete"] is False
 
 
 def test_killed_pytest_output_is_still_counted():
     log = ("tests/test_a.py::test_x[1] PASSED   [ 10%]\n"
            "[gw1] [ 20%] FAILED tests/test_a.py::test_y\n"
            "tests/test_b.py::test_z SKIPPED (needs CUDA)   [ 30%]\n")
-    s = gc.parse_verbose_log(log)
+    s = kernel_tests.parse_verbose_log(log)
     assert s["totals"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1, "total": 3}
     assert s["failures"] == [{"test": "tests/test_a.py::test_y", "kind": "failed"}]
 
 
 def test_on_a_gpu_every_goal_without_a_measurement_is_a_failed_row():
-    rows = gc.goal_rows({"env": {"cuda": True}})
+    rows = results.goal_rows({"env": {"cuda": True}})
     missing = {r["area"]: r for r in rows}
     assert set(missing) == {"Kernel tests", "GroupNorm", "DiTi loss", "Attention", "Engine"}
     assert all(r["met"] is False and r["measured"].startswith("not measured") for r in rows)

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from diti_fast.config import ConfigError, to_dict
+from diti_fast.config import ConfigError, channels_last_on, to_dict
 from diti_fast.diffusion import make_schedule
 from diti_fast.engine import noise
 from diti_fast.engine.run_config import TrainConfig
 from diti_fast.losses import ddpm_loss, diti_loss
 from diti_fast.masks import TimestepMasks
 from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet
+from diti_fast.nn.blocks import to_layout
 from diti_fast.weights import (CheckpointError, export_path, load_original_ddpm, load_state, load_weights,
                                split_prefixed)
 
@@ -36,19 +37,25 @@ class Objective(nn.Module):
         self.fused_loss, self.t_buckets = cfg.fast.fused_loss, cfg.log.t_buckets
         self.device_type, self.autocast = device.type, autocast
         self.sched = make_schedule(cfg.model.diffusion, device)
+        self.channels_last = channels_last_on(cfg.fast, device.type)
         if cfg.stage == "ddpm":
-            self.unet = build_unet(cfg.model, cfg.fast)
+            self.unet = build_unet(cfg.model, cfg.fast, device.type)
         else:
             m = cfg.model
             self.masks = TimestepMasks.build(m.masks, m.unet.latent_dim, m.diffusion.timesteps, device)
-            self.encoder = build_encoder(m, cfg.fast)
-            self.decoder = build_decoder(m, cfg.fast)
+            self.encoder = build_encoder(m, cfg.fast, device.type)
+            self.decoder = build_decoder(m, cfg.fast, device.type)
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, x0: torch.Tensor, index: torch.Tensor):
         t, eps = noise.draw(self.seed, index, tuple(x0.shape[1:]), self.sched.timesteps)
+        if self.channels_last:
+            # ε and x0 in the models' layout, so x_t, ε̂, G and the loss are all channels_last. ε is
+            # drawn in logical (NCHW) order, keyed by element index, whatever the layout: one
+            # explicit copy of an image-sized tensor, as is x0's (a no-op when already channels_last).
+            x0, eps = to_layout(x0, True), to_layout(eps, True)
         ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
                else contextlib.nullcontext())
         with ctx:

@@ -44,6 +44,7 @@ from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, re
                                      validate_runtime)
 from diti_fast.engine.distributed import base_optimizer, deepspeed_config, make_optimizer, setup_distributed
 from diti_fast.engine.ema import EMA
+from diti_fast.engine.graph_step import GraphStep, plan_step
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
 from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm
@@ -147,7 +148,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     objective.to(device).train()
     trainable = objective.trainable()
     lr = cfg.lr(world)
-    opt = make_optimizer([p for _, p in trainable], cfg, lr, device)
+    plan = plan_step(cfg, device)  # the whole step as one CUDA graph, where it can be
+    opt = make_optimizer([p for _, p in trainable], cfg, lr, device, capturable=plan.capture)
     import deepspeed
     engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=deepspeed_config(cfg, world))
     opt = base_optimizer(engine)
@@ -165,6 +167,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, device)
     logger = Logger(run_dir, rank == 0, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)
     stop = StopSignal(cfg.checkpoint.on_signal)
+    graph = (GraphStep(plan, cfg, objective, opt, ema, meter, data, rank, world, micro, device, step)
+             if plan.graph_safe else None)
     bar = None
     if rank == 0 and cfg.log.progress:
         from tqdm import tqdm
@@ -177,7 +181,10 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
               f"batch={cfg.data.batch_size} (micro {micro} x accum {cfg.deepspeed.grad_accum} x {world}) "
               f"lr={lr:g} params={n_train / 1e6:.2f}M trainable / {n_all / 1e6:.2f}M "
               f"steps={step}->{total}" + (f" resumed from {latest}" if latest else "")
-              + (f" frozen DDPM from {frozen_from}" if frozen_from else ""), flush=True)
+              + (f" frozen DDPM from {frozen_from}" if frozen_from else "")
+              + (" cuda-graph" if plan.capture else ""), flush=True)
+        if plan.reason:
+            print(f"[diti-fast] {plan.reason}", flush=True)
 
     nan = torch.tensor(float("nan"), device=device)
     nan_steps = set(cfg.debug.nan_at_steps)
@@ -190,34 +197,38 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     try:
         while step < total:
             # ---- one optimiser step: grad_accum micro-batches on every rank
-            finite = torch.ones((), dtype=torch.bool, device=device)
-            for m in range(cfg.deepspeed.grad_accum):
-                x0 = to_model_input(data.next(m), device)
-                first = step * cfg.data.batch_size + rank * local + m * micro  # global sample index
-                index = torch.arange(first, first + micro, device=device)
-                out, t = engine(x0, index)
-                if step + 1 in nan_steps and cfg.debug.nan_rank in (-1, rank):
-                    out = LossOut(out.loss * nan, out.per_sample * nan,
-                                  out.buckets and (out.buckets[0] * nan, out.buckets[1]))
-                finite &= torch.isfinite(out.loss.detach())
-                meter.add_samples(out.per_sample, t, out.buckets)
-                engine.backward(out.loss)
-                if m == cfg.deepspeed.grad_accum - 1:
-                    # A NaN on any rank poisons the averaged gradient everywhere: agree on the
-                    # flag (an async device collective, not a host sync), then let the fused Adam
-                    # skip the update on the device.
-                    if world > 1:
-                        flag = finite.to(torch.int32)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                        finite = flag.bool()
-                    opt.found_inf = (~finite).to(torch.float32)
-                engine.step()
+            if graph is not None:  # the same step, graph-safe and captured (engine/graph_step.py)
+                finite = graph.step(step)
+            else:
+                finite = torch.ones((), dtype=torch.bool, device=device)
+                for m in range(cfg.deepspeed.grad_accum):
+                    x0 = to_model_input(data.next(m), device)
+                    first = step * cfg.data.batch_size + rank * local + m * micro  # global sample index
+                    index = torch.arange(first, first + micro, device=device)
+                    out, t = engine(x0, index)
+                    if step + 1 in nan_steps and cfg.debug.nan_rank in (-1, rank):
+                        out = LossOut(out.loss * nan, out.per_sample * nan,
+                                      out.buckets and (out.buckets[0] * nan, out.buckets[1]))
+                    finite &= torch.isfinite(out.loss.detach())
+                    meter.add_samples(out.per_sample, t, out.buckets)
+                    engine.backward(out.loss)
+                    if m == cfg.deepspeed.grad_accum - 1:
+                        # A NaN on any rank poisons the averaged gradient everywhere: agree on the
+                        # flag (an async device collective, not a host sync), then let the fused Adam
+                        # skip the update on the device.
+                        if world > 1:
+                            flag = finite.to(torch.int32)
+                            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                            finite = flag.bool()
+                        opt.found_inf = (~finite).to(torch.float32)
+                    engine.step()
             step += 1
-            if step % cfg.ema.every == 0:
+            if graph is None and step % cfg.ema.every == 0:
                 n = step // cfg.ema.every - 1  # updates done before this one
                 decay = min(cfg.ema.decay, (1 + n) / (10 + n)) if cfg.ema.warmup else cfg.ema.decay
                 ema.update(finite * (1.0 - decay))  # weight 0 on a skipped step: the EMA stays put
-            meter.add_step(finite)
+            if graph is None:
+                meter.add_step(finite)
             if bar is not None:
                 bar.update(1)
 

@@ -36,6 +36,7 @@ class Objective(nn.Module):
         self.stage, self.seed, self.mode = cfg.stage, cfg.run.seed, cfg.diti.mode
         self.fused_loss, self.t_buckets = cfg.fast.fused_loss, cfg.log.t_buckets
         self.device_type, self.autocast = device.type, autocast
+        self.autocast_cache = True  # off under CUDA-graph capture (engine/graph_step.py)
         self.sched = make_schedule(cfg.model.diffusion, device)
         self.channels_last = channels_last_on(cfg.fast, device.type)
         if cfg.stage == "ddpm":
@@ -56,8 +57,8 @@ class Objective(nn.Module):
             # drawn in logical (NCHW) order, keyed by element index, whatever the layout: one
             # explicit copy of an image-sized tensor, as is x0's (a no-op when already channels_last).
             x0, eps = to_layout(x0, True), to_layout(eps, True)
-        ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
-               else contextlib.nullcontext())
+        ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16, cache_enabled=self.autocast_cache)
+               if self.autocast else contextlib.nullcontext())
         with ctx:
             if self.stage == "ddpm":
                 out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss, self.t_buckets)

@@ -52,17 +52,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpucheck/ beside this script; no install needed
-from gpucheck import bench, ceilings, engine, environment, kernel_tests  # noqa: E402
+from gpucheck import bench, ceilings, engine, environment, kernel_tests, sweep  # noqa: E402
 from gpucheck.children import ChildResult, _terminate_children, child_env, run_child, write_shim  # noqa: E402
 from gpucheck.engine import engine_overrides  # noqa: E402
 from gpucheck.environment import device_slug, env_report_lines, missing_for  # noqa: E402
 from gpucheck.results import goal_rows, load_json, load_results, rows_to_markdown  # noqa: E402
 from gpucheck.settings import (BENCH_ARGS, BENCH_FILES, DEFAULT_BUDGET, ENGINE_FAST_CONFIG,  # noqa: E402
                                ENGINE_ORIGINAL_CONFIG, ENGINE_STEPS, ENV_TIMEOUT_S, KERNEL_TESTS, LOG_CAP_BYTES,
-                               PACKAGES, PHASE_BUDGETS, REPO)
+                               PACKAGES, PHASE_BUDGETS, REPO, SWEEP_BATCHES)
 
 SELF = Path(__file__).resolve()
-PHASES = {"ceilings": ceilings, "kernel_tests": kernel_tests, "bench": bench, "engine": engine}
+PHASES = {"ceilings": ceilings, "kernel_tests": kernel_tests, "bench": bench, "engine": engine, "sweep": sweep}
 
 
 def worker_cmd(name: str, *args: str) -> list[str]:
@@ -94,10 +94,13 @@ def plan_lines(args, out_desc: str) -> list[str]:
              f"{' '.join(BENCH_ARGS)}",
              f"5. engine       -> engine.json        random-weight celeba64 DDPM export, then {args.engine_steps} "
              f"steps each of python diti_fast/train.py --config {args.engine_original_config} / "
-             f"--config {args.engine_fast_config} with "
+             f"--config {args.engine_fast_config} / --config {args.engine_fast_config} run.precision=fp32 with "
              + " ".join(engine_overrides(args.engine_steps, args.engine_batch or 128, Path("<tmp>/run-NAME"),
                                          Path("<tmp>/ddpm/ema.safetensors"), "cuda", args.engine_extra)),
-             "then summary.md (phases + goals) and log.txt (all output): 7 files",
+             f"6. sweep        -> sweep.json         the engine's step (GraphStep) of {args.engine_fast_config} at "
+             f"per-GPU batch {', '.join(map(str, SWEEP_BATCHES))}, with/without CUDA graph and channels_last, "
+             "images/s and model FLOPs per image (MFU against the bf16 matmul ceiling)",
+             "then summary.md (phases + goals) and log.txt (all output): 8 files",
              ]
     if not (REPO / "benchmarks/bench_engine.py").is_file():
         lines.append("note: benchmarks/bench_engine.py does not exist; the engine phase drives train.py itself")
@@ -200,6 +203,8 @@ class Run:
                 note = f"{p.get('benchmarks', 0)} benchmarks; " + ", ".join(f"{Path(k).stem}: {v}" for k, v in p["files"].items())
             if "runs" in p:
                 note = ", ".join(f"{k}: {v}" for k, v in p["runs"].items())
+            if "configurations" in p:
+                note = f"{p['configurations']} configurations"
             lines.append(f"| {name} | {p['status']} | {p.get('wall_s', '')} | {p.get('limit_s', '')} | {note} |")
         miss = [PACKAGES[m] for m, v in env.get("packages", {}).items() if not v["found"]]
         lines += ["", f"Missing packages: {', '.join(miss) or 'none'}.", "", "## Goals", "", rows_to_markdown(goal_rows(res))]
@@ -233,7 +238,7 @@ class Run:
         print("\n".join("    " + ln for ln in lines), flush=True)
         self.write_summary()
         cuda = bool(env.get("cuda"))
-        for phase in ("ceilings", "kernel_tests", "bench", "engine"):
+        for phase in PHASES:
             if phase not in a.phases:
                 continue
             if not cuda and not a.allow_cpu:
@@ -314,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra train.py override for both runs (repeatable)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (logs, run dirs)")
     # internal: child workers
-    ap.add_argument("--worker", choices=["env", "ceilings", "engine"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["env", "ceilings", "engine", "sweep"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -330,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             environment.worker_env(out, args.full)
         elif args.worker == "ceilings":
             ceilings.worker_ceilings(out)
+        elif args.worker == "sweep":
+            sweep.worker_sweep(out, args.deadline, args.engine_fast_config)
         else:
             signal.signal(signal.SIGTERM, _terminate_children)
             engine.worker_engine(out, Path(args.tmp), args.deadline, args.engine_steps, args.engine_batch or None,

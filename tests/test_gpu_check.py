@@ -56,7 +56,7 @@ def test_dry_run_in_an_uninstalled_copy_prints_the_plan_and_the_environment(tmp_
     # the plan: every phase, its output file and the engine's two configurations
     for phase, fname in settings.OUTPUTS.items():
         assert fname in out, fname
-    assert "configs/celeba64_original.yaml" in out and "configs/celeba64.yaml" in out
+    assert "configs/celeba64_original.yaml" in out and "configs/celeba64.yaml" in out and "run.precision=fp32" in out
     assert f"{settings.ENGINE_STEPS} steps" in out and "summary.md" in out
     # the environment check: versions, CUDA, packages, and the code under test from the copy. The
     # venv's editable install maps diti_fast.kernels to the original checkout; only the shim can
@@ -133,9 +133,17 @@ def _write_results(d: Path) -> dict:
                      "loss_curve": curve_o},
         "fast": {"status": "ok", "steps_done": 200, "images_per_s_steady": 1234.5, "peak_memory_bytes": 12 * 2 ** 30,
                  "loss_curve": curve_f}}}
+    eng["runs"]["fast_fp32"] = {"status": "ok", "steps_done": 200, "images_per_s_steady": 691.2,
+                                "peak_memory_bytes": 16 * 2 ** 30, "loss_curve": curve_o}
     eng["comparison"] = results.compare_runs(eng["runs"]["fast"], eng["runs"]["original"], 200)
+    eng["comparison_fp32"] = results.compare_runs(eng["runs"]["fast_fp32"], eng["runs"]["original"], 200)
+    fpi = 91.3e9
+    sweep = {"flops_per_image": fpi, "runs": [
+        {"batch": 16, "channels_last": False, "cuda_graph": False, "images_per_s": 1000.0},
+        {"batch": 16, "channels_last": True, "cuda_graph": True, "images_per_s": 2500.0},
+        {"batch": 32, "channels_last": True, "cuda_graph": True, "error": "OutOfMemoryError: boom"}]}
     for name, obj in (("env", env), ("ceilings", ceil), ("kernel_tests", kt), ("bench_kernels", bench),
-                      ("engine", eng)):
+                      ("engine", eng), ("sweep", sweep)):
         (d / f"{name}.json").write_text(json.dumps(obj))
     late = [s for s, _ in curve_o if s > 100]
     mo = sum(v for s, v in curve_o if s > 100) / len(late)
@@ -147,6 +155,9 @@ def _write_results(d: Path) -> dict:
         "gn_compile": f"{130 / 80:.2f}×", "loss": f"{50 / 40:.2f}×", "attn": f"{8 / 2:.2f}×",
         "engine": f"{1234.5 / 345.6:.2f}× (1,234.5 vs 345.6 img/s)", "mem": "12.00 GiB vs 20.00 GiB",
         "loss_curve": f"{mf:.4f} vs {mo:.4f} ({100 * abs(mf - mo) / mo:.1f}% apart)",
+        "engine_fp32": f"{691.2 / 345.6:.2f}× (691.2 vs 345.6 img/s)",
+        "sweep_16": f"2,500.0 img/s, MFU {100 * 2500 * fpi / 785.25e12:.1f}%",
+        "sweep_gain": f"{2500 / 1000:.2f}×", "gflop": "91.3 GFLOP",
     }
 
 
@@ -185,6 +196,12 @@ def test_plots_and_table_from_a_results_directory(tmp_path):
     assert cell("Engine", "images/s, preset vs original config") == want["engine"]
     assert cell("Engine", "peak memory, preset vs original") == want["mem"]
     assert cell("Engine", "loss, steps 101-200 (mean)") == want["loss_curve"]
+    assert cell("Engine", "images/s, fp32 preset vs original config (both fp32)") == want["engine_fp32"]
+    assert cell("Sweep", "model FLOPs per image") == want["gflop"]
+    assert cell("Sweep", "CUDA graph + channels_last over eager NCHW") == want["sweep_gain"]
+    sweep_cells = [ln for ln in text.splitlines() if ln.startswith("| Sweep | batch 16/GPU, channels_last, CUDA graph")]
+    assert len(sweep_cells) == 1 and want["sweep_16"] in sweep_cells[0]
+    assert any("failed: OutOfMemoryError" in ln for ln in text.splitlines())
     met = {k: v[5] for k, v in rows.items()}
     assert met[("GroupNorm", "fraction of copy bandwidth")] == "yes"     # 84 % >= 80 %
     assert met[("GroupNorm", "speed-up over eager")] == "yes"            # 3.75 >= 3

@@ -73,7 +73,7 @@ def _assert_equal(a, b, where="state"):
 ], ids=["ddpm", "ddpm-accum2-ema-every2-channels-last"])
 def test_the_graph_safe_step_equals_deepspeeds_step_bit_for_bit(tmp_path, extra, capsys):
     # 6 steps with a NaN at step 3: the skip, the EMA warm-up and the device counters all act.
-    common = ["run.max_images=24", "debug.nan_at_steps=[3]", *extra]
+    common = ["run.device=cpu", "run.max_images=24", "debug.nan_at_steps=[3]", *extra]
     train(_cfg(tmp_path / "ds", "fast.cuda_graph=false", *common))
     ds = _final_state(tmp_path / "ds")
     train(_cfg(tmp_path / "gs", "fast.cuda_graph=true", *common))
@@ -110,7 +110,8 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA
 def _gpu_run(run_dir: Path, *overrides: str) -> dict:
     # Deterministic kernels, so that two runs of the same arithmetic agree bit for bit.
     torch.backends.cudnn.deterministic = True
-    train(_cfg(run_dir, "run.max_images=80", "run.precision=fp32", "fast.attention=math", *overrides))
+    train(_cfg(run_dir, "run.device=cuda", "run.max_images=80", "run.precision=fp32", "fast.attention=math",
+               *overrides))
     return _final_state(run_dir)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gpucheck.children import run_child
 from gpucheck.results import compare_runs, load_json, summarise_run
-from gpucheck.settings import ENGINE_LOG_EVERY, ENGINE_WARMUP_STEPS, KILL_GRACE_S, REPO
+from gpucheck.settings import ENGINE_LOG_EVERY, ENGINE_RUNS, ENGINE_WARMUP_STEPS, KILL_GRACE_S, REPO
 
 def _perturb_zero_weights(module, std: float = 0.02) -> None:
     """The guided-diffusion UNet zero-initialises its output convolutions, so a fresh DDPM predicts
@@ -58,7 +58,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def worker_engine(out: Path, tmp: Path, deadline: float, steps: int, batch: int | None, extra: list[str],
                   fast_config: str, original_config: str) -> None:
-    """DDPM export, then train.py on the original's configuration and on the preset."""
+    """DDPM export, then train.py on the original's configuration, the preset and the preset in fp32."""
     import torch
     from diti_fast.weights import save_export
     from diti_fast.nn import build_unet
@@ -89,16 +89,18 @@ def worker_engine(out: Path, tmp: Path, deadline: float, steps: int, batch: int 
     save()
 
     env = dict(os.environ)
-    runs = [("original", original_config), ("fast", fast_config)]
-    for i, (name, config) in enumerate(runs):
+    configs = {"ORIGINAL": original_config, "FAST": fast_config}
+    # Shares of the time left: the original (eager fp32) run is predictable; each compiled run
+    # spends its first minute or more compiling.
+    shares = {"original": 0.36, "fast": 0.5, "fast_fp32": 1.0}
+    for name, (which, more) in ENGINE_RUNS.items():
+        config = configs[which]
         run_dir = tmp / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [sys.executable, str(REPO / "diti_fast" / "train.py"), "--config", config,
-               *engine_overrides(steps, batch, run_dir, ddpm, device, extra)]
+               *engine_overrides(steps, batch, run_dir, ddpm, device, [*extra, *more])]
         remaining = deadline - time.time() - 3
-        # The original (eager) run is predictable; keep over half of what is left for the compiled
-        # run, which spends its first minute or more compiling.
-        limit = remaining * 0.45 if i == 0 else remaining
+        limit = remaining * shares.get(name, 1.0)
         print(f"[engine] {name}: {shlex.join(cmd)} (limit {limit:.0f} s)", flush=True)
         log = tmp / f"{name}.log"
         res = run_child(cmd, log, limit, env)
@@ -113,6 +115,8 @@ def worker_engine(out: Path, tmp: Path, deadline: float, steps: int, batch: int 
             result["runs"][name]["error_tail"] = tail
         save()
     result["comparison"] = compare_runs(result["runs"]["fast"], result["runs"]["original"], steps)
+    if "fast_fp32" in result["runs"]:
+        result["comparison_fp32"] = compare_runs(result["runs"]["fast_fp32"], result["runs"]["original"], steps)
     save()
 
 

@@ -145,7 +145,7 @@ def env_report_lines(env: dict, allow_cpu: bool) -> tuple[list[str], list[str]]:
                  + (f"; optional, missing: {', '.join(opt)}" if opt else ""))
     for mod, c in (env.get("import_checks") or {}).items():
         lines.append(f"import check {mod}: " + ("ok" if c["ok"] else c["error"]))
-    for phase in ("ceilings", "kernel_tests", "bench", "engine"):
+    for phase in [p for p in PHASE_NEEDS]:
         miss_p = missing_for(env, phase)
         if miss_p:
             problems.append(f"phase {phase} cannot run: missing {', '.join(miss_p)}")
@@ -154,5 +154,5 @@ def env_report_lines(env: dict, allow_cpu: bool) -> tuple[list[str], list[str]]:
             state += "; no CUDA here" + (" (runs on CPU: --allow-cpu)" if allow_cpu else " (skipped)")
         lines.append(f"phase {phase}: {state}")
     if not env.get("cuda") and not allow_cpu:
-        problems.append("no CUDA device: a real run would skip phases 2-5 (use --allow-cpu to run them on CPU)")
+        problems.append("no CUDA device: a real run would skip phases 2-6 (use --allow-cpu to run them on CPU)")
     return lines, problems

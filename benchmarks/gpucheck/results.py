@@ -183,9 +183,29 @@ def goal_rows(results: dict) -> list[dict]:
                          f"({fmt_pct(cmp_['loss_rel_diff'])} apart)",
                          f"≤ {fmt_pct(cmp_.get('loss_match_tolerance', LOSS_MATCH_TOL))} apart",
                          cmp_["loss_curves_match"]))
+    f32 = runs.get("fast_fp32") or {}
+    if f32.get("images_per_s_steady") and o.get("images_per_s_steady"):
+        # Like against like: fp32 both, so this is the kernels', sdpa's, compile's and the graph's
+        # own share; the bf16 preset's row above also holds bf16's.
+        sp32 = f32["images_per_s_steady"] / o["images_per_s_steady"]
+        rows.append(_row("Engine", label, "images/s, fp32 preset vs original config (both fp32)",
+                         f"{fmt_x(sp32)} ({fmt_num(f32['images_per_s_steady'])} vs "
+                         f"{fmt_num(o['images_per_s_steady'])} img/s)"))
+    elif runs and "fast_fp32" in runs:
+        rows.append(_row("Engine", label, "images/s, fp32 preset vs original config (both fp32)",
+                         f"not measured (fp32 preset: {f32.get('status', 'absent')})"))
+    cmp32 = eng.get("comparison_fp32") or {}
+    if "loss_rel_diff" in cmp32:
+        w = cmp32.get("loss_window", ["?", "?"])
+        rows.append(_row("Engine", label, f"loss, fp32 preset, steps {w[0]}-{w[1]} (mean)",
+                         f"{cmp32['loss_mean_fast']:.4f} vs {cmp32['loss_mean_original']:.4f} "
+                         f"({fmt_pct(cmp32['loss_rel_diff'])} apart)",
+                         f"≤ {fmt_pct(cmp32.get('loss_match_tolerance', LOSS_MATCH_TOL))} apart",
+                         cmp32["loss_curves_match"]))
     if f.get("first_interval_s") and o.get("first_interval_s"):
         rows.append(_row("Engine", label, f"first {f.get('first_interval_steps')} steps incl. compilation",
                          f"{f['first_interval_s']:.1f} s vs {o['first_interval_s']:.1f} s"))
+    rows += sweep_rows(results.get("sweep"), ceil)
     if on_gpu:
         # A goal whose measurement is missing (phase skipped, failed or cut short) is a row too.
         wanted = [("Kernel tests", "passed / failed / skipped", "all pass"),
@@ -197,6 +217,39 @@ def goal_rows(results: dict) -> list[dict]:
         for area, metric, goal in wanted:
             if not any(r["area"] == area and r["met"] is not None for r in rows):
                 rows.append(_row(area, "-", metric, "not measured (see summary.md)", goal, False))
+    return rows
+
+
+def sweep_rows(sweep: dict | None, ceil: dict) -> list[dict]:
+    """Per-GPU batch sweep: images/s per configuration, the CUDA graph's and channels_last's gain,
+    and the MFU (model FLOPs per image × images/s over the measured bf16 matmul rate)."""
+    if not sweep or not sweep.get("runs"):
+        return []
+    rows = []
+    fpi = sweep.get("flops_per_image")
+    peak = ((ceil.get("matmul") or {}).get("bf16") or {}).get("TFLOPs")
+    if fpi:
+        rows.append(_row("Sweep", "celeba64 DiTi step, fwd+bwd", "model FLOPs per image", f"{fpi / 1e9:.1f} GFLOP"))
+    by = {(r["batch"], r["channels_last"], r["cuda_graph"]): r for r in sweep["runs"] if r.get("images_per_s")}
+    for batch in sorted({r["batch"] for r in sweep["runs"]}):
+        base, best = by.get((batch, False, False)), by.get((batch, True, True))
+        for (cl, graph), r in sorted(((k[1], k[2]), v) for k, v in by.items() if k[0] == batch):
+            case = f"batch {batch}/GPU, {'channels_last' if cl else 'NCHW'}, {'CUDA graph' if graph else 'eager'}"
+            text = f"{fmt_num(r['images_per_s'])} img/s"
+            if fpi and peak:
+                mfu = r["images_per_s"] * fpi / (peak * 1e12)
+                text += f", MFU {fmt_pct(mfu)}"
+            rows.append(_row("Sweep", case, "images/s" + (", MFU vs bf16 matmul" if fpi and peak else ""), text,
+                             f"MFU ≥ {fmt_pct(GOALS['engine_mfu'])}" if graph and cl and fpi and peak else "",
+                             (r["images_per_s"] * fpi / (peak * 1e12) >= GOALS["engine_mfu"])
+                             if graph and cl and fpi and peak else None))
+        if base and best:
+            rows.append(_row("Sweep", f"batch {batch}/GPU", "CUDA graph + channels_last over eager NCHW",
+                             fmt_x(best["images_per_s"] / base["images_per_s"])))
+        for r in sweep["runs"]:
+            if r["batch"] == batch and r.get("error"):
+                rows.append(_row("Sweep", f"batch {batch}/GPU, cl={r['channels_last']}, graph={r['cuda_graph']}",
+                                 "images/s", f"failed: {r['error'][:120]}", "", False))
     return rows
 
 
@@ -214,7 +267,7 @@ def load_results(directory: Path) -> dict:
     d = Path(directory)
     return {"env": load_json(d / "env.json"), "ceilings": load_json(d / "ceilings.json"),
             "kernel_tests": load_json(d / "kernel_tests.json"), "bench": load_json(d / "bench_kernels.json"),
-            "engine": load_json(d / "engine.json")}
+            "engine": load_json(d / "engine.json"), "sweep": load_json(d / "sweep.json")}
 
 
 

@@ -9,17 +9,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Seconds. Sum = the default --budget; together with start-up and the wheel install of
-# gpu_check.sh this keeps a device run under 8 minutes. The engine gets the most because the
-# compiled configuration spends a minute or more in torch.compile before its first step.
-PHASE_BUDGETS = {"env": 30, "ceilings": 20, "kernel_tests": 80, "bench": 120, "engine": 200}
+# Seconds. Sum = the default --budget (9 minutes); with start-up and the wheel install of
+# gpu_check.sh a device run takes about 10. The engine gets the most because its three runs
+# include two torch.compile warm-ups of a minute or more each.
+PHASE_BUDGETS = {"env": 30, "ceilings": 20, "kernel_tests": 70, "bench": 100, "engine": 230, "sweep": 90}
 ENV_TIMEOUT_S = 90      # the env check may overrun its budget (cold imports); later phases then get less
 DEFAULT_BUDGET = sum(PHASE_BUDGETS.values())
 KILL_GRACE_S = 8          # SIGTERM, then this long, then SIGKILL (the whole process group)
 LOG_CAP_BYTES = 2 << 20   # per phase in log.txt: head and tail kept, the middle elided
 
 KERNEL_TESTS = ["tests/test_fused_norm.py", "tests/test_fused_loss.py",
-                "tests/test_attention.py", "tests/test_masks_prefix.py"]
+                "tests/test_attention.py", "tests/test_masks_prefix.py", "tests/test_graph_step.py"]
 # One pytest run per file, each with its own JSON: a file that hangs costs its own results only
 # (pytest-benchmark writes its JSON at the end of a session). Shares of the phase's time.
 BENCH_FILES = {"benchmarks/bench_fused_norm.py": 0.40, "benchmarks/bench_fused_loss.py": 0.27,
@@ -35,6 +35,15 @@ ENGINE_ORIGINAL_CONFIG = "configs/celeba64_original.yaml"
 ENGINE_LOG_EVERY = 10
 ENGINE_WARMUP_STEPS = 50       # steady-state images/s counts the intervals after this step
 LOSS_MATCH_TOL = 0.05          # |mean loss fast - original| / original over the second half
+# The engine phase's runs: name -> (config, extra overrides). fast_fp32 is the preset in fp32, so
+# the kernels' and compile's own share shows apart from bf16's against the (fp32) original.
+ENGINE_RUNS = {"original": ("ORIGINAL", []), "fast": ("FAST", []), "fast_fp32": ("FAST", ["run.precision=fp32"])}
+
+# The per-GPU batch sweep (phase sweep): the engine's step (Objective + GraphStep, the preset's
+# model and bf16 autocast with the fused kernels, no torch.compile) with and without the CUDA
+# graph and channels_last, at the per-GPU batches of 8 ranks × global 128 up to one rank.
+SWEEP_BATCHES = (16, 32, 64, 128)
+SWEEP_STEPS = 20               # timed steps per configuration, after warm-up and capture
 
 # Goals of the kernel, loss/attention and engine issues (what summary.md and the docs table check).
 GOALS = {
@@ -44,6 +53,7 @@ GOALS = {
     "loss_vs_compile": 1.2,
     "attn_sdpa_vs_math": 3.0,  # at 16x16
     "engine_speedup": 3.0,
+    "engine_mfu": 0.35,        # bf16 model FLOP utilisation of the step (issue 17's target)
 }
 
 # Packages the phases need, by import name -> distribution name (for the version).
@@ -64,7 +74,9 @@ PHASE_NEEDS = {
     # yaml for configs, safetensors for the DDPM export and the final export.
     "engine": ["torch", "deepspeed", "pydantic", "hjson", "msgpack", "einops", "psutil", "packaging",
                "tqdm", "webdataset", "braceexpand", "yaml", "safetensors", "numpy"],
+    # the engine's step in-process: configs (yaml), the data package (to_model_input), Triton
+    "sweep": ["torch", "triton", "webdataset", "braceexpand", "yaml", "safetensors", "numpy"],
 }
 OUTPUTS = {"env": "env.json", "ceilings": "ceilings.json", "kernel_tests": "kernel_tests.json",
-           "bench": "bench_kernels.json", "engine": "engine.json"}
+           "bench": "bench_kernels.json", "engine": "engine.json", "sweep": "sweep.json"}
 

@@ -23,8 +23,8 @@ Which launches can be captured: ZeRO stage 0 (DeepSpeed then only wraps the mode
 ours). ZeRO-1/2 reduce-scatter gradients from backward hooks with host-side bucket bookkeeping
 and read values back to the host, which a graph cannot replay: those run DeepSpeed's eager step.
 So does ``optim.grad_clip > 0`` (DeepSpeed's clipping). The models of this project fit on one
-GPU many times over (celeba64: ~40 M trainable parameters, ~0.6 GB of Adam state), so ZeRO-0 is
-the presets' default and the fastest correct path. Where capture is impossible the run says why
+GPU many times over (celeba64: 53 M trainable parameters, ffhq128: 82 M; fp32 weights, gradients
+and Adam moments under 1.5 GB), so ZeRO-0 is the presets' default and the fastest correct path. Where capture is impossible the run says why
 in one line and falls back.
 
 On a CPU (tests) ``fast.cuda_graph=true`` runs the same graph-safe step without capturing it:

@@ -10,13 +10,14 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo bench gpu-check-dry gpu-wheels clean help
+.PHONY: setup test demo bench launch-budget gpu-check-dry gpu-wheels clean help
 
 help:
 	@echo "make setup   - create $(VENV) (torch first, then the project with its extras)"
 	@echo "make test    - set up and run the test suite (CPU; Triton kernels via TRITON_INTERPRET=1)"
 	@echo "make demo    - set up and run the demo: synthetic shards -> DDPM -> DiTi -> report (CPU)"
 	@echo "make bench   - CPU benchmarks (pytest-benchmark, JSON under benchmarks/results/)"
+	@echo "make launch-budget - kernel launches per training step, per preset (docs/performance.md)"
 	@echo "make gpu-wheels / gpu-check-dry - prepare / dry-run the one-shot GPU check (docs/performance.md)"
 
 setup: $(VENV)/.installed
@@ -39,6 +40,13 @@ demo: setup
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only \
 		--benchmark-json=benchmarks/results/cpu-$$(date +%Y-%m-%d).json
+
+# Ops (eager) per step for each preset, with and without the fused kernels; LAUNCH_BUDGET_COMPILE=1
+# adds Inductor's generated-kernel count (minutes per preset on a CPU). Not under benchmarks/results/:
+# plot_results.py reads that folder for the kernel benchmarks' table.
+launch-budget: setup
+	$(PY) -m pytest benchmarks/bench_launch_budget.py -q --benchmark-enable --benchmark-only \
+		--benchmark-json=.benchmarks/launch-budget-$$(date +%Y-%m-%d).json
 
 gpu-check-dry: setup
 	$(PY) benchmarks/gpu_check.py --dry-run

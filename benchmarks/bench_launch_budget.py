@@ -88,6 +88,7 @@ def _step_runner(preset: str, fused: bool) -> tuple[GraphStep, Objective]:
     dev = torch.device("cpu")
     torch.manual_seed(0)
     obj = Objective(cfg, dev, autocast=False).train()
+    obj.channels_last_weights()
     trainable = obj.trainable()
     opt = torch.optim.Adam([p for _, p in trainable], lr=1e-4, fused=True)
     ema, meter = EMA(trainable, cfg.ema.decay), Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, dev)

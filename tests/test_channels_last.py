@@ -41,6 +41,7 @@ def _objective(channels_last: bool, fused: bool, state=None) -> Objective:
                                               f"fast.fused_norm={flag(fused)}", f"fast.fused_loss={flag(fused)}"]))
     torch.manual_seed(0)
     obj = Objective(cfg, torch.device("cpu"), autocast=False)
+    obj.channels_last_weights()
     if state is not None:
         obj.load_state_dict(state)
     # Non-zero output convolutions, so G and ε̂ depend on every layer of both networks.

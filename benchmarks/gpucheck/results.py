@@ -229,7 +229,8 @@ def sweep_rows(sweep: dict | None, ceil: dict) -> list[dict]:
     fpi = sweep.get("flops_per_image")
     peak = ((ceil.get("matmul") or {}).get("bf16") or {}).get("TFLOPs")
     if fpi:
-        rows.append(_row("Sweep", "celeba64 DiTi step, fwd+bwd", "model FLOPs per image", f"{fpi / 1e9:.1f} GFLOP"))
+        name = Path(sweep.get("config") or "celeba64").stem
+        rows.append(_row("Sweep", f"{name} DiTi step, fwd+bwd", "model FLOPs per image", f"{fpi / 1e9:.1f} GFLOP"))
     by = {(r["batch"], r["channels_last"], r["cuda_graph"]): r for r in sweep["runs"] if r.get("images_per_s")}
     for batch in sorted({r["batch"] for r in sweep["runs"]}):
         base, best = by.get((batch, False, False)), by.get((batch, True, True))

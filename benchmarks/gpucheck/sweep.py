@@ -27,7 +27,7 @@ class _Batches:
         return self.batch
 
 
-def _runner(cfg_path: str, batch: int, channels_last: bool, graph: bool):
+def _runner(cfg_path: str, batch: int, channels_last: bool, graph: bool, dev):
     import torch
     from diti_fast.engine.ema import EMA
     from diti_fast.engine.graph_step import GraphStep, StepPlan
@@ -36,9 +36,9 @@ def _runner(cfg_path: str, batch: int, channels_last: bool, graph: bool):
     from diti_fast.engine.run_config import load_config
     cfg = load_config(cfg_path, ["data.source=fixed", f"data.batch_size={batch}", "fast.compile=false",
                                  f"fast.channels_last={str(channels_last).lower()}", "deepspeed.grad_accum=1"])
-    dev = torch.device("cuda")
     torch.manual_seed(0)
-    obj = Objective(cfg, dev, autocast=True).to(dev).train()
+    obj = Objective(cfg, dev, autocast=dev.type == "cuda").to(dev).train()
+    obj.channels_last_weights()
     trainable = obj.trainable()
     opt = torch.optim.Adam([p for _, p in trainable], lr=1e-4, fused=True, capturable=graph)
     ema, meter = EMA(trainable, cfg.ema.decay), Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, dev)
@@ -47,33 +47,38 @@ def _runner(cfg_path: str, batch: int, channels_last: bool, graph: bool):
     return GraphStep(StepPlan(True, graph, None), cfg, obj, opt, ema, meter, data, 0, 1, batch, dev, 0), obj
 
 
-def _flops_per_image(cfg_path: str) -> float:
+def _flops_per_image(cfg_path: str, dev, batch: int = 16) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    runner, obj = _runner(cfg_path, 16, False, False)
+    runner, obj = _runner(cfg_path, batch, False, False, dev)
     runner.step(0)
-    x = torch.rand(16, 3, runner.raw[0].shape[-1], runner.raw[0].shape[-1], device="cuda") * 2 - 1
+    x = torch.rand(batch, 3, runner.raw[0].shape[-1], runner.raw[0].shape[-1], device=dev) * 2 - 1
     with FlopCounterMode(display=False) as fc:
-        out, _ = obj(x, torch.arange(16, device="cuda"))
+        out, _ = obj(x, torch.arange(batch, device=dev))
         out.loss.backward()
-    return fc.get_total_flops() / 16
+    return fc.get_total_flops() / batch
 
 
-def worker_sweep(out: Path, deadline: float, cfg_path: str = ENGINE_FAST_CONFIG) -> None:
+def worker_sweep(out: Path, deadline: float, cfg_path: str = ENGINE_FAST_CONFIG,
+                 batches: tuple[int, ...] = SWEEP_BATCHES) -> None:
+    """On a CPU (``--allow-cpu``, to test this script) only the uncaptured step runs."""
     import torch
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
-    result: dict = {"device": torch.cuda.get_device_name(), "config": cfg_path, "steps": SWEEP_STEPS,
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "config": cfg_path, "steps": SWEEP_STEPS,
                     "what": "Objective + GraphStep (bf16 autocast, fused kernels, sdpa), no torch.compile",
                     "runs": []}
 
     def save():
         out.write_text(json.dumps(result, indent=1))
-    result["flops_per_image"] = _flops_per_image(cfg_path)
+    result["flops_per_image"] = _flops_per_image(cfg_path, dev, min(16, batches[0]))
     save()
-    for batch in SWEEP_BATCHES:
+    for batch in batches:
         for channels_last in (False, True):
-            for graph in (False, True):
+            for graph in ((False, True) if cuda else (False,)):
                 if time.time() > deadline - 15:
                     result["stopped"] = f"phase limit reached before batch {batch}"
                     save()
@@ -81,25 +86,26 @@ def worker_sweep(out: Path, deadline: float, cfg_path: str = ENGINE_FAST_CONFIG)
                 row = {"batch": batch, "channels_last": channels_last, "cuda_graph": graph}
                 runner = None
                 try:
-                    runner, _ = _runner(cfg_path, batch, channels_last, graph)
+                    runner, _ = _runner(cfg_path, batch, channels_last, graph, dev)
                     for i in range(5):  # warm-up (3 eager), capture, first replay
                         runner.step(i)
-                    torch.cuda.synchronize()
+                    sync()
                     t0 = time.perf_counter()
                     for i in range(SWEEP_STEPS):
                         runner.step(5 + i)
-                    torch.cuda.synchronize()
+                    sync()
                     dt = (time.perf_counter() - t0) / SWEEP_STEPS
                     row.update(step_s=dt, images_per_s=batch / dt,
-                               peak_memory_bytes=torch.cuda.max_memory_allocated())
+                               peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None)
                 except Exception as e:  # noqa: BLE001 - one configuration's failure is a row, not the end
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 print(f"[sweep] {row}", flush=True)
                 result["runs"].append(row)
                 save()
                 del runner
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
 
 
 def run_phase(ctx) -> None:

@@ -153,6 +153,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     import deepspeed
     engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=deepspeed_config(cfg, world))
     opt = base_optimizer(engine)
+    if cfg.deepspeed.zero_stage == 0:
+        objective.channels_last_weights()  # after DeepSpeed's start-up (see Objective)
     ema = EMA(trainable, cfg.ema.decay)
     if cfg.fast.compile:
         objective.compile(mode=cfg.fast.compile_mode)

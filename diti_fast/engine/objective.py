@@ -7,6 +7,7 @@ autocast when asked, and returns (loss, per-sample loss, t).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from diti_fast.engine import noise
 from diti_fast.engine.run_config import TrainConfig
 from diti_fast.losses import ddpm_loss, diti_loss
 from diti_fast.masks import TimestepMasks
-from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet
+from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet, set_channels_last
 from diti_fast.nn.blocks import to_layout
 from diti_fast.weights import (CheckpointError, export_path, load_original_ddpm, load_state, load_weights,
                                split_prefixed)
@@ -38,14 +39,24 @@ class Objective(nn.Module):
         self.device_type, self.autocast = device.type, autocast
         self.autocast_cache = True  # off under CUDA-graph capture (engine/graph_step.py)
         self.sched = make_schedule(cfg.model.diffusion, device)
-        self.channels_last = channels_last_on(cfg.fast, device.type)
+        # Built with NCHW weights; channels_last_weights() re-lays them out after DeepSpeed's
+        # start-up, whose parameter broadcast views every weight as bytes (a unit last stride).
+        fast = dataclasses.replace(cfg.fast, channels_last=False)
         if cfg.stage == "ddpm":
-            self.unet = build_unet(cfg.model, cfg.fast, device.type)
+            self.unet = build_unet(cfg.model, fast)
         else:
             m = cfg.model
             self.masks = TimestepMasks.build(m.masks, m.unet.latent_dim, m.diffusion.timesteps, device)
-            self.encoder = build_encoder(m, cfg.fast, device.type)
-            self.decoder = build_decoder(m, cfg.fast, device.type)
+            self.encoder = build_encoder(m, fast)
+            self.decoder = build_decoder(m, fast)
+        self.channels_last = channels_last_on(cfg.fast, device.type)
+        set_channels_last(self, self.channels_last, weights=False)
+
+    def channels_last_weights(self) -> None:
+        """Conv weights into channels_last (in place: the optimiser keeps its parameters). Not
+        under ZeRO-1/2, whose flat buffers own the weights: there only activations are."""
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]

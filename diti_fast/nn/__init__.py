@@ -17,13 +17,20 @@ def configure_fast(module: nn.Module, fast: FastConfig, device_type: str = "cpu"
     re-laid out here, once; the blocks then keep activations in that layout)."""
     if fast.attention not in BACKENDS:
         raise ValueError(f"attention backend {fast.attention!r} is not one of {BACKENDS}")
-    channels_last = channels_last_on(fast, device_type)
     for m in module.modules():
         if isinstance(m, FastOptions):
             m.fused_norm = fast.fused_norm
             m.attention = fast.attention
-            m.channels_last = channels_last
-    return module.to(memory_format=torch.channels_last) if channels_last else module
+    return set_channels_last(module, channels_last_on(fast, device_type))
+
+
+def set_channels_last(module: nn.Module, on: bool, weights: bool = True) -> nn.Module:
+    """The blocks' activation layout switch, and (``weights``) the conv weights re-laid out to
+    match. The training engine re-lays the weights itself, after DeepSpeed's start-up."""
+    for m in module.modules():
+        if isinstance(m, FastOptions):
+            m.channels_last = on
+    return module.to(memory_format=torch.channels_last) if on and weights else module
 
 
 def build_encoder(cfg: ModelConfig, fast: FastConfig | None = None, device_type: str = "cpu") -> Encoder:
@@ -39,5 +46,5 @@ def build_unet(cfg: ModelConfig, fast: FastConfig | None = None, device_type: st
     return configure_fast(UNet(cfg.unet), fast or FastConfig(), device_type)
 
 
-__all__ = ["UNet", "ShiftUNet", "Encoder", "ENCODER_SPECS", "FROZEN", "TRAINABLE", "configure_fast",
+__all__ = ["UNet", "ShiftUNet", "Encoder", "ENCODER_SPECS", "FROZEN", "TRAINABLE", "configure_fast", "set_channels_last",
            "build_encoder", "build_decoder", "build_unet", "qkv_attention", "BACKENDS"]

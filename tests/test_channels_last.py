@@ -21,15 +21,11 @@ from diti_fast.reference.check import run_check
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from op_census import OpCensus  # noqa: E402
+from test_train_engine import TINY as ENGINE_TINY  # noqa: E402
 
 CL = torch.channels_last
 TINY = {
-    "model": {
-        "unet": {"base_channel": 32, "channel_multiplier": [1, 2], "num_residual_blocks_of_a_block": 1,
-                 "attention_resolutions": [2], "num_heads": 1, "dropout": 0.0, "latent_dim": 64},
-        "masks": {"k": 8},
-        "encoder": {"name": "shapes32", "latent_dim": 64},
-    },
+    "model": ENGINE_TINY["model"],   # the engine tests' tiny DiTi (32 px, dropout 0)
     "init": {"ddpm": "unused.safetensors"},
     "data": {"source": "fixed", "batch_size": 2},
 }

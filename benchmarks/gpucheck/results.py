@@ -176,13 +176,7 @@ def goal_rows(results: dict) -> list[dict]:
         rows.append(_row("Engine", label, "peak memory, preset vs original",
                          f"{fmt_gib(f['peak_memory_bytes'])} vs {fmt_gib(o['peak_memory_bytes'])}", "lower",
                          f["peak_memory_bytes"] < o["peak_memory_bytes"]))
-    if "loss_rel_diff" in cmp_:
-        w = cmp_.get("loss_window", ["?", "?"])
-        rows.append(_row("Engine", label, f"loss, steps {w[0]}-{w[1]} (mean)",
-                         f"{cmp_['loss_mean_fast']:.4f} vs {cmp_['loss_mean_original']:.4f} "
-                         f"({fmt_pct(cmp_['loss_rel_diff'])} apart)",
-                         f"≤ {fmt_pct(cmp_.get('loss_match_tolerance', LOSS_MATCH_TOL))} apart",
-                         cmp_["loss_curves_match"]))
+    rows += _loss_row(label, "loss", cmp_)
     f32 = runs.get("fast_fp32") or {}
     if f32.get("images_per_s_steady") and o.get("images_per_s_steady"):
         # Like against like: fp32 both, so this is the kernels', sdpa's, compile's and the graph's
@@ -194,14 +188,7 @@ def goal_rows(results: dict) -> list[dict]:
     elif runs and "fast_fp32" in runs:
         rows.append(_row("Engine", label, "images/s, fp32 preset vs original config (both fp32)",
                          f"not measured (fp32 preset: {f32.get('status', 'absent')})"))
-    cmp32 = eng.get("comparison_fp32") or {}
-    if "loss_rel_diff" in cmp32:
-        w = cmp32.get("loss_window", ["?", "?"])
-        rows.append(_row("Engine", label, f"loss, fp32 preset, steps {w[0]}-{w[1]} (mean)",
-                         f"{cmp32['loss_mean_fast']:.4f} vs {cmp32['loss_mean_original']:.4f} "
-                         f"({fmt_pct(cmp32['loss_rel_diff'])} apart)",
-                         f"≤ {fmt_pct(cmp32.get('loss_match_tolerance', LOSS_MATCH_TOL))} apart",
-                         cmp32["loss_curves_match"]))
+    rows += _loss_row(label, "loss, fp32 preset", eng.get("comparison_fp32") or {})
     if f.get("first_interval_s") and o.get("first_interval_s"):
         rows.append(_row("Engine", label, f"first {f.get('first_interval_steps')} steps incl. compilation",
                          f"{f['first_interval_s']:.1f} s vs {o['first_interval_s']:.1f} s"))
@@ -218,6 +205,18 @@ def goal_rows(results: dict) -> list[dict]:
             if not any(r["area"] == area and r["met"] is not None for r in rows):
                 rows.append(_row(area, "-", metric, "not measured (see summary.md)", goal, False))
     return rows
+
+
+def _loss_row(label: str, what: str, cmp_: dict) -> list[dict]:
+    """The loss-curve agreement of one compare_runs result, as a row (none when not compared)."""
+    if "loss_rel_diff" not in cmp_:
+        return []
+    w = cmp_.get("loss_window", ["?", "?"])
+    return [_row("Engine", label, f"{what}, steps {w[0]}-{w[1]} (mean)",
+                 f"{cmp_['loss_mean_fast']:.4f} vs {cmp_['loss_mean_original']:.4f} "
+                 f"({fmt_pct(cmp_['loss_rel_diff'])} apart)",
+                 f"≤ {fmt_pct(cmp_.get('loss_match_tolerance', LOSS_MATCH_TOL))} apart",
+                 cmp_["loss_curves_match"])]
 
 
 def sweep_rows(sweep: dict | None, ceil: dict) -> list[dict]:

@@ -121,10 +121,10 @@ def _compiled_count(runner: GraphStep, obj: Objective, census: OpCensus) -> dict
     import torch._inductor.metrics as metrics
     torch._dynamo.reset()
     metrics.reset()
-    model_ops = OpCensus()
-    with model_ops:  # the model part of the eager step alone, for the rest-of-step count
-        out, _ = obj(torch.zeros(BATCH, 3, runner.raw[0].shape[-1], runner.raw[0].shape[-1]) if runner.raw else None,
-                     torch.arange(BATCH))
+    size = runner.raw[0].shape[-1]
+    runner.opt.zero_grad(set_to_none=True)  # as in the step: no gradient accumulation ops
+    with OpCensus() as model_ops:  # the model part of the eager step alone, for the rest-of-step count
+        out, _ = obj(torch.zeros(BATCH, 3, size, size), torch.arange(BATCH))
         out.loss.backward()
     obj.compile()
     runner.step(3)  # compiles forward and backward

@@ -16,7 +16,9 @@ exactly as ``engine/graph_step.py`` runs it), with and without the fused kernels
   the forward and backward compiled by Inductor, ``generated_kernel_count`` of those graphs, plus
   the convolutions and matmuls that Inductor leaves to cuDNN/cuBLAS (counted in the eager step),
   plus the eager ops outside the model (Adam, EMA, metrics). Inductor on a CPU writes C++
-  kernels, which fuse somewhat differently from the Triton kernels it writes for a GPU.
+  kernels, which fuse somewhat differently from the Triton kernels it writes for a GPU. Not yet
+  a trustworthy launch count: a trial on shapes32 came out above the eager count (see
+  docs/performance.md).
 
 The count does not depend on the batch size, so the step runs at batch 2. Results go to the
 benchmark's ``extra_info``; the table in docs/performance.md was made from them.

@@ -18,14 +18,11 @@ import torch
 from diti_fast.engine.graph_step import capture_blocker, plan_step
 from diti_fast.engine.loop import train
 from diti_fast.engine.run_config import apply_overrides, build_config
+from test_train_engine import TINY as ENGINE_TINY
 
 TINY = {
-    "model": {
-        "unet": {"base_channel": 32, "channel_multiplier": [1, 2], "num_residual_blocks_of_a_block": 1,
-                 "attention_resolutions": [2], "num_heads": 1, "dropout": 0.1, "latent_dim": 64},
-        "masks": {"k": 8},
-        "encoder": {"name": "shapes32", "latent_dim": 64},
-    },
+    # the engine tests' tiny model, with dropout on: its random stream must replay in the graph too
+    "model": {**ENGINE_TINY["model"], "unet": {**ENGINE_TINY["model"]["unet"], "dropout": 0.1}},
     "stage": "ddpm",
     "run": {"threads": 1, "seed": 5},
     "data": {"source": "fixed", "batch_size": 4, "num_workers": 0, "image_size": 16},

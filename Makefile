@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo claim bench gpu-check-dry gpu-wheels clean help
+.PHONY: setup test demo claim bench launch-budget gpu-check-dry gpu-wheels clean help
 
 help:
 	@echo "make setup   - create $(VENV) (torch first, then the project with its extras)"
@@ -19,6 +19,7 @@ help:
 	@echo "make claim   - the claim run (<= 100 min, 2 CPU cores, resumable): results in benchmarks/results/claim/"
 	@echo "               CLAIM_SMOKE=1: every phase on tiny sizes (~1-2 min), results in runs/claim-smoke/results/"
 	@echo "make bench   - CPU benchmarks (pytest-benchmark, JSON under benchmarks/results/)"
+	@echo "make launch-budget - kernel launches per training step, per preset (docs/performance.md)"
 	@echo "make gpu-wheels / gpu-check-dry - prepare / dry-run the one-shot GPU check (docs/performance.md)"
 
 setup: $(VENV)/.installed
@@ -46,6 +47,13 @@ claim: setup
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only \
 		--benchmark-json=benchmarks/results/cpu-$$(date +%Y-%m-%d).json
+
+# Ops (eager) per step for each preset, with and without the fused kernels; LAUNCH_BUDGET_COMPILE=1
+# adds Inductor's generated-kernel count (minutes per preset on a CPU). Not under benchmarks/results/:
+# plot_results.py reads that folder for the kernel benchmarks' table.
+launch-budget: setup
+	$(PY) -m pytest benchmarks/bench_launch_budget.py -q --benchmark-enable --benchmark-only \
+		--benchmark-json=.benchmarks/launch-budget-$$(date +%Y-%m-%d).json
 
 gpu-check-dry: setup
 	$(PY) benchmarks/gpu_check.py --dry-run

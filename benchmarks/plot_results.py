@@ -15,7 +15,7 @@ against the measured copy bandwidth), ``speedups.png`` (fused kernels over eager
 torch.compile, sdpa over math, with the goals), ``engine.png`` (images/s, peak memory and the loss
 curves of the preset and the original configuration). The table between the markers
 ``<!-- perf-table:start -->`` / ``<!-- perf-table:end -->`` of ``docs/performance.md`` is rewritten;
-its numbers come from the same analysis as gpu_check's summary.md (``gpu_check.goal_rows``).
+its numbers come from the same analysis as gpu_check's summary.md (``gpucheck/results.py``).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check as gc  # noqa: E402  (same folder; pure Python at import, no torch)
+from gpucheck import results as analysis  # noqa: E402  (gpucheck/ beside this file; pure Python, no torch)
+from gpucheck.settings import GOALS, OUTPUTS, REPO  # noqa: E402
 
-REPO = gc.REPO
 RESULTS = REPO / "benchmarks" / "results"
 DOC = REPO / "docs" / "performance.md"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -38,21 +38,21 @@ _DATE = re.compile(r"(\d{4}-\d{2}-\d{2})")
 # ============================================================================ finding results
 
 def is_results_dir(p: Path) -> bool:
-    return p.is_dir() and any((p / n).is_file() for n in gc.OUTPUTS.values())
+    return p.is_dir() and any((p / n).is_file() for n in OUTPUTS.values())
 
 
 def is_bench_json(p: Path) -> bool:
     if p.suffix != ".json" or not p.is_file():
         return False
-    data = gc.load_json(p)
+    data = analysis.load_json(p)
     return isinstance(data, dict) and "benchmarks" in data
 
 
 def load_any(path: Path) -> dict:
     """gpu_check's result dict for a results directory or a bare pytest-benchmark JSON."""
     if path.is_dir():
-        return gc.load_results(path)
-    bench = gc.load_json(path)
+        return analysis.load_results(path)
+    bench = analysis.load_json(path)
     env = {"cuda": False, "device": {"name": "cpu"}}
     mi = (bench or {}).get("machine_info") or {}
     if mi:
@@ -102,9 +102,9 @@ def _shape_order(shape: str) -> tuple:
 
 def plot_bandwidth(res: dict, out: Path) -> Path | None:
     """GB/s over the minimum traffic per shape, against the measured copy bandwidth."""
-    entries = gc.bench_entries(res.get("bench"))
-    agn = gc.bench_groups(entries, "bench_fused_norm.py", "variant")
-    loss = gc.bench_groups(entries, "bench_fused_loss.py", "variant")
+    entries = analysis.bench_entries(res.get("bench"))
+    agn = analysis.bench_groups(entries, "bench_fused_norm.py", "variant")
+    loss = analysis.bench_groups(entries, "bench_fused_loss.py", "variant")
     if not agn and not loss:
         return None
     copy = (res.get("ceilings") or {}).get("copy_GBps")
@@ -137,8 +137,8 @@ def plot_bandwidth(res: dict, out: Path) -> Path | None:
         if copy:
             ax.axhline(copy, color="k", ls="--", lw=1, label=f"copy {copy:,.0f} GB/s")
             if mode == "fwd_bwd":
-                ax.axhline(gc.GOALS["gn_frac_copy"] * copy, color="k", ls=":", lw=1,
-                           label=f"goal {gc.GOALS['gn_frac_copy']:.0%} of copy")
+                ax.axhline(GOALS["gn_frac_copy"] * copy, color="k", ls=":", lw=1,
+                           label=f"goal {GOALS['gn_frac_copy']:.0%} of copy")
         ax.set_xticks(list(xs), labels, fontsize=7)
         ax.set_ylabel("GB/s over minimum traffic")
         ax.set_title(title, fontsize=9)
@@ -153,45 +153,45 @@ def plot_bandwidth(res: dict, out: Path) -> Path | None:
 
 def speedup_bars(res: dict) -> list[tuple[str, list[tuple[str, float]], float | None]]:
     """[(panel title, [(label, ratio)], goal)] for the speed-up figure."""
-    entries = gc.bench_entries(res.get("bench"))
+    entries = analysis.bench_entries(res.get("bench"))
     panels = []
-    agn = gc.bench_groups(entries, "bench_fused_norm.py", "variant")
+    agn = analysis.bench_groups(entries, "bench_fused_norm.py", "variant")
     for base, goal in (("eager", "gn_vs_eager"), ("compile", "gn_vs_compile")):
         bars = []
         for k in sorted(agn, key=lambda k: (dict(k)["mode"], dict(k)["dtype"], _shape_order(dict(k)["shape"]))):
             p, g = dict(k), agn[k]
-            r = gc.ratio(g.get(base), g.get("triton"))
+            r = analysis.ratio(g.get(base), g.get("triton"))
             if r:
                 bars.append((f"{p['shape']} {p['dtype']} {p['mode']}", r))
         if bars:
             panels.append((f"GroupNorm+SiLU: Triton over {base}\n(goal for fwd_bwd at 32², 64²)", bars,
-                           gc.GOALS[goal]))
-    loss = gc.bench_groups(entries, "bench_fused_loss.py", "variant")
+                           GOALS[goal]))
+    loss = analysis.bench_groups(entries, "bench_fused_loss.py", "variant")
     bars = []
     for k in sorted(loss, key=lambda k: (dict(k)["dtype"], dict(k)["shape"])):
         p, g = dict(k), loss[k]
         for fast in ("triton", "compile_triton"):
             for base in ("compile", "compile_loss_only"):
-                r = gc.ratio(g.get(base), g.get(fast))
+                r = analysis.ratio(g.get(base), g.get(fast))
                 if r:
                     bars.append((f"{p['shape']} {p['dtype']} {fast} vs {base}", r))
         if not any(v in g for v in ("triton", "compile_triton")):
-            r = gc.ratio(g.get("eager"), g.get("compile"))
+            r = analysis.ratio(g.get("eager"), g.get("compile"))
             if r:
                 bars.append((f"{p['shape']} {p['dtype']} compile vs eager", r))
     if bars:
-        panels.append(("DiTi loss", bars, gc.GOALS["loss_vs_compile"] if is_gpu(res) else None))
-    attn = gc.bench_groups(entries, "bench_attention.py", "backend")
+        panels.append(("DiTi loss", bars, GOALS["loss_vs_compile"] if is_gpu(res) else None))
+    attn = analysis.bench_groups(entries, "bench_attention.py", "backend")
     bars = []
     for k in sorted(attn, key=lambda k: (dict(k)["level"], dict(k)["scope"], dict(k)["dtype"], dict(k)["new_order"])):
         p, g = dict(k), attn[k]
         for fast in ("sdpa", "xformers"):
-            r = gc.ratio(g.get("math"), g.get(fast))
+            r = analysis.ratio(g.get("math"), g.get(fast))
             if r:
                 order = "new" if p["new_order"] == "True" else "legacy"
                 bars.append((f"{p['level']} {p['scope']} {p['dtype']} {order} {fast}", r))
     if bars:
-        panels.append(("Attention: over math", bars, gc.GOALS["attn_sdpa_vs_math"] if is_gpu(res) else None))
+        panels.append(("Attention: over math", bars, GOALS["attn_sdpa_vs_math"] if is_gpu(res) else None))
     return panels
 
 
@@ -234,19 +234,21 @@ def plot_engine(res: dict, out: Path) -> Path | None:
     if not runs:
         return None
     plt = _plt()
-    order = [k for k in ("original", "fast") if k in runs]
-    names = {"original": "original config\nfp32, eager,\nmath, unfused", "fast": "preset\nbf16, compiled,\nsdpa, fused"}
+    order = [k for k in ("original", "fast_fp32", "fast") if k in runs]
+    names = {"original": "original config\nfp32, eager,\nmath, unfused", "fast": "preset\nbf16, compiled,\nsdpa, fused",
+             "fast_fp32": "preset in fp32\ncompiled,\nsdpa, fused"}
+    colours = {"original": "tab:gray", "fast_fp32": "tab:blue", "fast": "tab:green"}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ips = [runs[k]["images_per_s_steady"] for k in order]
-    axes[0].bar([names[k] for k in order], ips, color=["tab:gray", "tab:green"][:len(order)])
+    axes[0].bar([names[k] for k in order], ips, color=[colours[k] for k in order])
     for i, v in enumerate(ips):
         axes[0].text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
-    if len(order) == 2:
-        axes[0].set_title(f"images/s (steady state): {ips[1] / ips[0]:.2f}× "
-                          f"(goal {gc.GOALS['engine_speedup']:g}×)", fontsize=9)
+    if "fast" in runs and "original" in runs:
+        axes[0].set_title(f"images/s (steady state): {runs['fast']['images_per_s_steady'] / ips[0]:.2f}× "
+                          f"(goal {GOALS['engine_speedup']:g}×)", fontsize=9)
     axes[0].set_ylabel("images/s")
     mem = [runs[k].get("peak_memory_bytes", 0) / 2 ** 30 for k in order]
-    axes[1].bar([names[k] for k in order], mem, color=["tab:gray", "tab:green"][:len(order)])
+    axes[1].bar([names[k] for k in order], mem, color=[colours[k] for k in order])
     axes[1].set_ylabel("peak memory (GiB)")
     axes[1].set_title("peak device memory", fontsize=9)
     for k in order:
@@ -295,7 +297,7 @@ def render_table(gpu: Path | None, cpu: Path | None, doc: Path, figures: list[Pa
                "`benchmarks/results/`; edit the script, not this table._", ""]
     if gpu is not None:
         res = load_any(gpu)
-        out += _header(res, gpu, doc) + ["", gc.rows_to_markdown(gc.goal_rows(res)).rstrip()]
+        out += _header(res, gpu, doc) + ["", analysis.rows_to_markdown(analysis.goal_rows(res)).rstrip()]
         if figures:
             out += [""] + [f"![{p.stem}]({_rel(p, doc)})" for p in figures]
     else:
@@ -306,7 +308,7 @@ def render_table(gpu: Path | None, cpu: Path | None, doc: Path, figures: list[Pa
             res = load_any(cpu)
             out += ["CPU results that exist (ratios only: CPU timings say nothing about the GPU kernels, "
                     "and the Triton kernels are not timed on CPU):", ""]
-            out += _header(res, cpu, doc) + ["", gc.rows_to_markdown(gc.goal_rows(res)).rstrip()]
+            out += _header(res, cpu, doc) + ["", analysis.rows_to_markdown(analysis.goal_rows(res)).rstrip()]
         else:
             out += ["No CPU benchmark results are committed either (`make bench` writes them under "
                     "`benchmarks/results/`)."]

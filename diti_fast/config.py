@@ -258,10 +258,20 @@ class EncoderConfig:
 
 @dataclass
 class FastConfig:
-    """Speed switches. None of them changes the maths; all default to the reference path."""
+    """Speed switches. None of them changes the maths (results agree to rounding); on a CPU all
+    default to the reference path."""
     attention: typing.Literal["sdpa", "math", "xformers"] = "sdpa"
     fused_norm: bool = False  # Triton adaptive GroupNorm+SiLU (diti_fast.kernels.fused_norm)
     fused_loss: bool = False  # Triton noise-weighted loss (diti_fast.kernels.fused_loss)
+    # Activations and conv weights in channels_last (NHWC in memory): cuDNN's bf16 tensor-core
+    # convolutions run in that layout natively and convert NCHW operands on every call otherwise.
+    # "auto": on for CUDA, off on CPU (where NCHW is the reference path).
+    channels_last: bool | typing.Literal["auto"] = "auto"
+
+
+def channels_last_on(fast: FastConfig, device_type: str) -> bool:
+    """Whether ``fast.channels_last`` ("auto", true, false) means channels_last on this device."""
+    return fast.channels_last is True or (fast.channels_last == "auto" and device_type == "cuda")
 
 
 @dataclass

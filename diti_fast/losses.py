@@ -30,6 +30,12 @@ class LossOut:
         return LossOut(self.loss + other.loss, self.per_sample + other.per_sample, buckets)
 
 
+def _per_sample(elem: torch.Tensor) -> torch.Tensor:
+    """[B] mean over everything but the batch dim; a reduction over dims, so a channels_last
+    tensor is read in place (``flatten(1)`` would copy it to NCHW first)."""
+    return elem.detach().mean(dim=tuple(range(1, elem.ndim)))
+
+
 def weighted_shift_loss_ref(eps: torch.Tensor, eps_hat: torch.Tensor, g: torch.Tensor, t: torch.Tensor,
                             sched: Schedule) -> torch.Tensor:
     """Element-wise w_t·(ε − (ε̂ + c_t·G))², op for op the original's p_loss."""
@@ -46,7 +52,7 @@ def shift_loss(eps, eps_hat, g, t, sched: Schedule, fused: bool = False, num_buc
                                                    num_buckets=num_buckets, check_t=False)
         return LossOut(loss, per_sample.detach(), (bsum, bcount))
     elem = weighted_shift_loss_ref(eps, eps_hat.to(g.dtype), g, t, sched).float()
-    return LossOut(elem.mean(), elem.detach().flatten(1).mean(1))
+    return LossOut(elem.mean(), _per_sample(elem))
 
 
 def ddpm_loss(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
@@ -59,7 +65,7 @@ def ddpm_loss(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sche
                                                           num_buckets=num_buckets, check_t=False)
         return LossOut(loss, per_sample.detach(), (bsum, bcount))
     elem = ((noise - pred.to(noise.dtype)) ** 2).float()
-    return LossOut(elem.mean(), elem.detach().flatten(1).mean(1))
+    return LossOut(elem.mean(), _per_sample(elem))
 
 
 def conditioning(z: torch.Tensor, t: torch.Tensor, masks: TimestepMasks, mode: str) -> torch.Tensor:

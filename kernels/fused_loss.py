@@ -344,12 +344,27 @@ def _run(eps, eps_hat, g, t, shift_coef, weight, num_buckets, timesteps, check_t
     timesteps = _validate(eps, eps_hat, g, t, shift_coef, weight, num_buckets, timesteps)
     if not use_triton(g):
         return _reference(eps, eps_hat, g, t, shift_coef, weight, num_buckets, timesteps, check_t)
-    # The kernels index flat memory: make layouts dense (no-ops when they already are).
+    # The kernels index each sample's elements as one flat run of memory: dense layouts only.
+    eps, eps_hat, g = _same_dense_layout(eps, eps_hat, g)
     args = [x.contiguous() if x is not None else None for x in (eps, eps_hat, g, t, shift_coef, weight)]
     need_grad = g.requires_grad and torch.is_grad_enabled()
     op = _diti_loss_fwd if torch.compiler.is_compiling() else _DitiLossFunction.apply
     loss, per_sample, bucket_sum, bucket_count, _ = op(*args, num_buckets, timesteps, need_grad, check_t)
     return loss, per_sample, bucket_sum, bucket_count
+
+
+def _same_dense_layout(*xs):
+    """The image tensors as views the kernels can read in memory order, without a copy.
+
+    A channels_last [B, C, H, W] batch is dense too: its NHWC permutation is contiguous and holds
+    each sample's C·H·W elements in one run, which is all the loss needs (it is a sum over them;
+    dL/dG comes back in the same layout through the permutation). Other layouts, or a mix, fall
+    through to ``.contiguous()`` (a copy where they are not contiguous already)."""
+    present = [x for x in xs if x is not None]
+    if all(x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+           for x in present):
+        return [x.permute(0, 2, 3, 1) if x is not None else None for x in xs]
+    return list(xs)
 
 
 def _reference(eps, eps_hat, g, t, shift_coef, weight, num_buckets, timesteps, check_t):

@@ -19,15 +19,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # gpucheck/ is a folder of plain modules beside the scripts
+from gpucheck import children, kernel_tests, results, settings  # noqa: E402
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # plot_results imports gpu_check by name: one module object for both
     spec.loader.exec_module(mod)
     return mod
 
 
-gc = _load("gpu_check")
 pr = _load("plot_results")
 
 
@@ -38,7 +40,7 @@ def _fresh_copy(dst: Path) -> Path:
         if (REPO / d).is_dir():
             shutil.copytree(REPO / d, dst / d, ignore=skip)
     (dst / "tests").mkdir()
-    for t in gc.KERNEL_TESTS:
+    for t in settings.KERNEL_TESTS:
         if (REPO / t).is_file():
             shutil.copy2(REPO / t, dst / t)
     return dst
@@ -52,10 +54,10 @@ def test_dry_run_in_an_uninstalled_copy_prints_the_plan_and_the_environment(tmp_
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
     # the plan: every phase, its output file and the engine's two configurations
-    for phase, fname in gc.OUTPUTS.items():
+    for phase, fname in settings.OUTPUTS.items():
         assert fname in out, fname
-    assert "configs/celeba64_original.yaml" in out and "configs/celeba64.yaml" in out
-    assert f"{gc.ENGINE_STEPS} steps" in out and "summary.md" in out
+    assert "configs/celeba64_original.yaml" in out and "configs/celeba64.yaml" in out and "run.precision=fp32" in out
+    assert f"{settings.ENGINE_STEPS} steps" in out and "summary.md" in out
     # the environment check: versions, CUDA, packages, and the code under test from the copy. The
     # venv's editable install maps diti_fast.kernels to the original checkout; only the shim can
     # make it resolve inside the copy.
@@ -67,7 +69,7 @@ def test_dry_run_in_an_uninstalled_copy_prints_the_plan_and_the_environment(tmp_
 
 
 def test_the_shim_maps_kernels_and_chains_to_a_shadowed_sitecustomize(tmp_path):
-    shim = gc.write_shim(tmp_path / "shim")
+    shim = children.write_shim(tmp_path / "shim")
     other = tmp_path / "other"
     other.mkdir()
     (other / "sitecustomize.py").write_text("import builtins\nbuiltins._chained_site_ran = True\n")
@@ -131,9 +133,17 @@ def _write_results(d: Path) -> dict:
                      "loss_curve": curve_o},
         "fast": {"status": "ok", "steps_done": 200, "images_per_s_steady": 1234.5, "peak_memory_bytes": 12 * 2 ** 30,
                  "loss_curve": curve_f}}}
-    eng["comparison"] = gc.compare_runs(eng["runs"]["fast"], eng["runs"]["original"], 200)
+    eng["runs"]["fast_fp32"] = {"status": "ok", "steps_done": 200, "images_per_s_steady": 691.2,
+                                "peak_memory_bytes": 16 * 2 ** 30, "loss_curve": curve_o}
+    eng["comparison"] = results.compare_runs(eng["runs"]["fast"], eng["runs"]["original"], 200)
+    eng["comparison_fp32"] = results.compare_runs(eng["runs"]["fast_fp32"], eng["runs"]["original"], 200)
+    fpi = 91.3e9
+    sweep = {"flops_per_image": fpi, "runs": [
+        {"batch": 16, "channels_last": False, "cuda_graph": False, "images_per_s": 1000.0},
+        {"batch": 16, "channels_last": True, "cuda_graph": True, "images_per_s": 2500.0},
+        {"batch": 32, "channels_last": True, "cuda_graph": True, "error": "OutOfMemoryError: boom"}]}
     for name, obj in (("env", env), ("ceilings", ceil), ("kernel_tests", kt), ("bench_kernels", bench),
-                      ("engine", eng)):
+                      ("engine", eng), ("sweep", sweep)):
         (d / f"{name}.json").write_text(json.dumps(obj))
     late = [s for s, _ in curve_o if s > 100]
     mo = sum(v for s, v in curve_o if s > 100) / len(late)
@@ -145,6 +155,9 @@ def _write_results(d: Path) -> dict:
         "gn_compile": f"{130 / 80:.2f}×", "loss": f"{50 / 40:.2f}×", "attn": f"{8 / 2:.2f}×",
         "engine": f"{1234.5 / 345.6:.2f}× (1,234.5 vs 345.6 img/s)", "mem": "12.00 GiB vs 20.00 GiB",
         "loss_curve": f"{mf:.4f} vs {mo:.4f} ({100 * abs(mf - mo) / mo:.1f}% apart)",
+        "engine_fp32": f"{691.2 / 345.6:.2f}× (691.2 vs 345.6 img/s)",
+        "sweep_16": f"2,500.0 img/s, MFU {100 * 2500 * fpi / 785.25e12:.1f}%",
+        "sweep_gain": f"{2500 / 1000:.2f}×", "gflop": "91.3 GFLOP",
     }
 
 
@@ -183,6 +196,12 @@ def test_plots_and_table_from_a_results_directory(tmp_path):
     assert cell("Engine", "images/s, preset vs original config") == want["engine"]
     assert cell("Engine", "peak memory, preset vs original") == want["mem"]
     assert cell("Engine", "loss, steps 101-200 (mean)") == want["loss_curve"]
+    assert cell("Engine", "images/s, fp32 preset vs original config (both fp32)") == want["engine_fp32"]
+    assert cell("Sweep", "model FLOPs per image") == want["gflop"]
+    assert cell("Sweep", "CUDA graph + channels_last over eager NCHW") == want["sweep_gain"]
+    sweep_cells = [ln for ln in text.splitlines() if ln.startswith("| Sweep | batch 16/GPU, channels_last, CUDA graph")]
+    assert len(sweep_cells) == 1 and want["sweep_16"] in sweep_cells[0]
+    assert any("failed: OutOfMemoryError" in ln for ln in text.splitlines())
     met = {k: v[5] for k, v in rows.items()}
     assert met[("GroupNorm", "fraction of copy bandwidth")] == "yes"     # 84 % >= 80 %
     assert met[("GroupNorm", "speed-up over eager")] == "yes"            # 3.75 >= 3
@@ -224,30 +243,30 @@ def test_engine_throughput_excludes_the_compile_interval_and_loss_curves_are_com
         secs = 60.0 if i == 0 else 1.0
         recs.append({"step": s, "images": s * 128, "images_per_s": 1280 / secs, "loss": 0.3,
                      "peak_memory_bytes": 1000 + s})
-    summ = gc.summarise_run(recs)
+    summ = results.summarise_run(recs)
     assert summ["steps_done"] == 200 and summ["steady_from_step"] == 50
     assert summ["images_per_s_steady"] == pytest.approx(1280.0)
     assert summ["first_interval_s"] == pytest.approx(60.0)
     assert summ["peak_memory_bytes"] == 1200
     other = dict(summ, loss_curve=[[s, 0.3 * 1.2] for s, _ in summ["loss_curve"]])
-    cmp_ = gc.compare_runs(summ, other, 200)
+    cmp_ = results.compare_runs(summ, other, 200)
     assert cmp_["loss_window"] == [101, 200]
     assert cmp_["loss_rel_diff"] == pytest.approx(1 / 6) and cmp_["loss_curves_match"] is False
-    assert gc.compare_runs(summ, summ, 200)["loss_curves_match"] is True
-    assert gc.compare_runs(summ, summ, 400)["complete"] is False
+    assert results.compare_runs(summ, summ, 200)["loss_curves_match"] is True
+    assert results.compare_runs(summ, summ, 400)["complete"] is False
 
 
 def test_killed_pytest_output_is_still_counted():
     log = ("tests/test_a.py::test_x[1] PASSED   [ 10%]\n"
            "[gw1] [ 20%] FAILED tests/test_a.py::test_y\n"
            "tests/test_b.py::test_z SKIPPED (needs CUDA)   [ 30%]\n")
-    s = gc.parse_verbose_log(log)
+    s = kernel_tests.parse_verbose_log(log)
     assert s["totals"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1, "total": 3}
     assert s["failures"] == [{"test": "tests/test_a.py::test_y", "kind": "failed"}]
 
 
 def test_on_a_gpu_every_goal_without_a_measurement_is_a_failed_row():
-    rows = gc.goal_rows({"env": {"cuda": True}})
+    rows = results.goal_rows({"env": {"cuda": True}})
     missing = {r["area"]: r for r in rows}
     assert set(missing) == {"Kernel tests", "GroupNorm", "DiTi loss", "Attention", "Engine"}
     assert all(r["met"] is False and r["measured"].startswith("not measured") for r in rows)

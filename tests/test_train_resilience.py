@@ -28,7 +28,7 @@ from diti_fast.engine import run_lock
 from diti_fast.engine.loop import train
 from diti_fast.engine.run_config import apply_overrides, build_config
 from diti_fast.engine.sample_log import read_indices
-from test_train_engine import _tree_equal  # noqa: E402 - tests/ is on sys.path (no __init__.py)
+from helpers import tree_diff  # noqa: E402 - tests/ is on sys.path (no __init__.py)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "diti_fast" / "train.py")
@@ -157,7 +157,7 @@ def test_sigterm_to_the_deepspeed_launcher_stops_all_ranks_at_one_step_and_resum
     assert f"resumed from {cut / 'checkpoints' / f'step-{step:08d}'}" in done.stdout
     assert json.loads((cut / "status.json").read_text())["status"] == "done"
     for name in ("model.pt", "rank-00000.pt", "rank-00001.pt"):
-        diffs = _tree_equal(_load(full / "checkpoints/step-00000016" / name),
+        diffs = tree_diff(_load(full / "checkpoints/step-00000016" / name),
                             _load(cut / "checkpoints/step-00000016" / name))
         assert diffs == [], f"{name} differs at {diffs[:5]}"
     assert sorted(read_indices(cut)) == list(range(16 * 8))  # no global sample index twice or skipped
@@ -235,7 +235,7 @@ def test_resume_falls_back_past_a_broken_checkpoint_and_refuses_when_none_is_com
     assert f"resumed from {trunc / 'checkpoints/step-00000002'}" in out
     assert res.step == 4 and not (trunc / "checkpoints/.tmp-step-00000004").exists()
     # Step 3 was redone from step 2: the same weights as resuming from the good step 3.
-    assert _tree_equal(_load(reference / "checkpoints/step-00000004/model.pt"),
+    assert tree_diff(_load(reference / "checkpoints/step-00000004/model.pt"),
                        _load(trunc / "checkpoints/step-00000004/model.pt")) == []
 
     # An empty meta.json: the same fall-back, naming meta.json.

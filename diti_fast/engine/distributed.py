@@ -63,16 +63,18 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     return ds
 
 
-def make_optimizer(params, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainConfig, lr: float, device: torch.device,
+                   capturable: bool = False) -> torch.optim.Optimizer:
     """Plain Adam (L2-free, not AdamW), the fused implementation.
 
     We hand DeepSpeed a client optimiser rather than its "Adam" config entry, which with
     torch_adam silently turns into AdamW (weight decay 0.01) unless adam_w_mode is false. The
     fused kernel also accepts a device-side ``found_inf`` flag and then leaves parameters, moments
     and step count untouched: that is how a non-finite step is skipped without a host sync.
+    ``capturable``: for a step captured in a CUDA graph (engine/graph_step.py); same arithmetic.
     """
     return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, fused=True)
+                            weight_decay=cfg.optim.weight_decay, fused=True, capturable=capturable)
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:

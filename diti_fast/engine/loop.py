@@ -48,6 +48,7 @@ from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed
                                           setup_distributed)
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.ema import EMA
+from diti_fast.engine.graph_step import GraphStep, plan_step
 from diti_fast.engine.visuals import Visuals
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
@@ -164,10 +165,13 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     objective.to(device).train()
     trainable = objective.trainable()
     lr = cfg.lr(world)
-    opt = make_optimizer([p for _, p in trainable], cfg, lr, device)
+    plan = plan_step(cfg, device)  # the whole step as one CUDA graph, where it can be
+    opt = make_optimizer([p for _, p in trainable], cfg, lr, device, capturable=plan.capture)
     import deepspeed
     engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=deepspeed_config(cfg, world))
     opt = base_optimizer(engine)
+    if cfg.deepspeed.zero_stage == 0:
+        objective.channels_last_weights()  # after DeepSpeed's start-up (see Objective)
     ema = EMA(trainable, cfg.ema.decay)
     if cfg.fast.compile:
         objective.compile(mode=cfg.fast.compile_mode)
@@ -184,6 +188,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     visuals = Visuals(cfg, run_dir, rank == 0, logger.tb)  # grids every log.visuals_every steps (0: off)
     stop = StopSignal(cfg.checkpoint.on_signal, world)
     samples = SampleLog(run_dir, rank, world) if cfg.debug.sample_log else None
+    graph = (GraphStep(plan, cfg, objective, opt, ema, meter, data, rank, world, micro, device, step)
+             if plan.graph_safe else None)
     bar = None
     if rank == 0 and cfg.log.progress:
         from tqdm import tqdm
@@ -196,7 +202,10 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
               f"batch={cfg.data.batch_size} (micro {micro} x accum {cfg.deepspeed.grad_accum} x {world}) "
               f"lr={lr:g} params={n_train / 1e6:.2f}M trainable / {n_all / 1e6:.2f}M "
               f"steps={step}->{total}" + (f" resumed from {latest}" if latest else "")
-              + (f" frozen DDPM from {frozen_from}" if frozen_from else ""), flush=True)
+              + (f" frozen DDPM from {frozen_from}" if frozen_from else "")
+              + (" cuda-graph" if plan.capture else ""), flush=True)
+        if plan.reason:
+            print(f"[diti-fast] {plan.reason}", flush=True)
 
     nan = torch.tensor(float("nan"), device=device)
     nan_steps = set(cfg.debug.nan_at_steps)
@@ -209,37 +218,43 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     try:
         while step < total:
             # ---- one optimiser step: grad_accum micro-batches on every rank
-            finite = torch.ones((), dtype=torch.bool, device=device)
-            for m in range(cfg.deepspeed.grad_accum):
-                x0 = to_model_input(data.next(m), device)
-                first = step * cfg.data.batch_size + rank * local + m * micro  # global sample index
-                index = torch.arange(first, first + micro, device=device)
-                if samples is not None:
-                    samples.add(step + 1, first, micro)
-                out, t = engine(x0, index)
-                if step + 1 in nan_steps and cfg.debug.nan_rank in (-1, rank):
-                    out = LossOut(out.loss * nan, out.per_sample * nan,
-                                  out.buckets and (out.buckets[0] * nan, out.buckets[1]))
-                finite &= torch.isfinite(out.loss.detach())
-                meter.add_samples(out.per_sample, t, out.buckets)
-                engine.backward(out.loss)
-                if m == cfg.deepspeed.grad_accum - 1:
-                    # A NaN on any rank poisons the averaged gradient everywhere: agree on the
-                    # flag (an async device collective, not a host sync), then let the fused Adam
-                    # skip the update on the device.
-                    if world > 1:
-                        flag = finite.to(torch.int32)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                        finite = flag.bool()
-                    opt.found_inf = (~finite).to(torch.float32)
-                engine.step()
+            if samples is not None:  # debug.sample_log: the global sample indices this step trains
+                for m in range(cfg.deepspeed.grad_accum):
+                    samples.add(step + 1, step * cfg.data.batch_size + rank * local + m * micro, micro)
+            if graph is not None:  # the same step, graph-safe and captured (engine/graph_step.py)
+                finite = graph.step(step)
+            else:
+                finite = torch.ones((), dtype=torch.bool, device=device)
+                for m in range(cfg.deepspeed.grad_accum):
+                    x0 = to_model_input(data.next(m), device)
+                    first = step * cfg.data.batch_size + rank * local + m * micro  # global sample index
+                    index = torch.arange(first, first + micro, device=device)
+                    out, t = engine(x0, index)
+                    if step + 1 in nan_steps and cfg.debug.nan_rank in (-1, rank):
+                        out = LossOut(out.loss * nan, out.per_sample * nan,
+                                      out.buckets and (out.buckets[0] * nan, out.buckets[1]))
+                    finite &= torch.isfinite(out.loss.detach())
+                    meter.add_samples(out.per_sample, t, out.buckets)
+                    engine.backward(out.loss)
+                    if m == cfg.deepspeed.grad_accum - 1:
+                        # A NaN on any rank poisons the averaged gradient everywhere: agree on the
+                        # flag (an async device collective, not a host sync), then let the fused Adam
+                        # skip the update on the device.
+                        if world > 1:
+                            flag = finite.to(torch.int32)
+                            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                            finite = flag.bool()
+                        opt.found_inf = (~finite).to(torch.float32)
+                    engine.step()
             step += 1
-            if step % cfg.ema.every == 0:
+            if graph is None and step % cfg.ema.every == 0:
                 n = step // cfg.ema.every - 1  # updates done before this one
                 decay = min(cfg.ema.decay, (1 + n) / (10 + n)) if cfg.ema.warmup else cfg.ema.decay
                 ema.update(finite * (1.0 - decay))  # weight 0 on a skipped step: the EMA stays put
-            meter.add_step(finite)
-            visuals.maybe(step, objective, ema, x0)
+            if graph is None:
+                meter.add_step(finite)
+            if visuals.enabled:
+                visuals.maybe(step, objective, ema, x0 if graph is None else to_model_input(graph.raw[0], device))
             if bar is not None:
                 bar.update(1)
 

@@ -7,18 +7,20 @@ autocast when asked, and returns (loss, per-sample loss, t).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from diti_fast.config import ConfigError, to_dict
+from diti_fast.config import ConfigError, channels_last_on, to_dict
 from diti_fast.diffusion import make_schedule
 from diti_fast.engine import noise
 from diti_fast.engine.run_config import TrainConfig
 from diti_fast.losses import ddpm_loss, diti_loss
 from diti_fast.masks import TimestepMasks
-from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet
+from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet, set_channels_last
+from diti_fast.nn.blocks import to_layout
 from diti_fast.weights import (CheckpointError, export_path, load_original_ddpm, load_state, load_weights,
                                split_prefixed)
 
@@ -35,22 +37,39 @@ class Objective(nn.Module):
         self.stage, self.seed, self.mode = cfg.stage, cfg.run.seed, cfg.diti.mode
         self.fused_loss, self.t_buckets = cfg.fast.fused_loss, cfg.log.t_buckets
         self.device_type, self.autocast = device.type, autocast
+        self.autocast_cache = True  # off under CUDA-graph capture (engine/graph_step.py)
         self.sched = make_schedule(cfg.model.diffusion, device)
+        # Built with NCHW weights; channels_last_weights() re-lays them out after DeepSpeed's
+        # start-up, whose parameter broadcast views every weight as bytes (a unit last stride).
+        fast = dataclasses.replace(cfg.fast, channels_last=False)
         if cfg.stage == "ddpm":
-            self.unet = build_unet(cfg.model, cfg.fast)
+            self.unet = build_unet(cfg.model, fast)
         else:
             m = cfg.model
             self.masks = TimestepMasks.build(m.masks, m.unet.latent_dim, m.diffusion.timesteps, device)
-            self.encoder = build_encoder(m, cfg.fast)
-            self.decoder = build_decoder(m, cfg.fast)
+            self.encoder = build_encoder(m, fast)
+            self.decoder = build_decoder(m, fast)
+        self.channels_last = channels_last_on(cfg.fast, device.type)
+        set_channels_last(self, self.channels_last, weights=False)
+
+    def channels_last_weights(self) -> None:
+        """Conv weights into channels_last (in place: the optimiser keeps its parameters). Not
+        under ZeRO-1/2, whose flat buffers own the weights: there only activations are."""
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, x0: torch.Tensor, index: torch.Tensor):
         t, eps = noise.draw(self.seed, index, tuple(x0.shape[1:]), self.sched.timesteps)
-        ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast
-               else contextlib.nullcontext())
+        if self.channels_last:
+            # ε and x0 in the models' layout, so x_t, ε̂, G and the loss are all channels_last. ε is
+            # drawn in logical (NCHW) order, keyed by element index, whatever the layout: one
+            # explicit copy of an image-sized tensor, as is x0's (a no-op when already channels_last).
+            x0, eps = to_layout(x0, True), to_layout(eps, True)
+        ctx = (torch.autocast(self.device_type, dtype=torch.bfloat16, cache_enabled=self.autocast_cache)
+               if self.autocast else contextlib.nullcontext())
         with ctx:
             if self.stage == "ddpm":
                 out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss, self.t_buckets)

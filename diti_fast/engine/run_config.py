@@ -76,9 +76,14 @@ class DataSection:
 
 @dataclass
 class EngineFastConfig(FastConfig):
-    """FastConfig (attention backend, fused kernels) plus torch.compile."""
+    """FastConfig (attention backend, fused kernels, channels_last) plus torch.compile and the
+    whole-step CUDA graph."""
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # The whole optimiser step captured once and replayed (engine/graph_step.py). "auto": on CUDA
+    # with ZeRO-0 and no gradient clipping, else DeepSpeed's eager step (the log says why); true:
+    # the same, and on a CPU the graph-safe step uncaptured; false: always DeepSpeed's step.
+    cuda_graph: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -266,8 +271,9 @@ class TrainConfig:
         if self.fast.compile_mode == "reduce-overhead" and self.fast.compile:
             # CUDA graphs replay static buffers; the per-step metric accumulators and the EMA weight
             # are updated in place outside the graph, which reduce-overhead would silently alias.
-            raise ConfigError(f"{w}.fast.compile_mode='reduce-overhead' (CUDA graphs) is not supported by "
-                              "this engine; use 'default' or 'max-autotune-no-cudagraphs'")
+            raise ConfigError(f"{w}.fast.compile_mode='reduce-overhead' (CUDA graphs of the forward only) is "
+                              "not supported by this engine; fast.cuda_graph captures the whole step instead "
+                              "(use compile_mode 'default' or 'max-autotune-no-cudagraphs')")
 
     # -- facts derived from the config
     def image_size(self, manifest_size: int | None = None) -> int:
@@ -428,8 +434,8 @@ def dump_yaml(cfg: TrainConfig) -> str:
 # Keys that may change between a run and its resumption: how long, how it logs, how it saves.
 # deepspeed.zero_stage: an elastic checkpoint (checkpoint.elastic) converts its optimiser state.
 RESUME_MUTABLE = ("run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "data.verify",
-                  "data.max_consecutive_skips", "log.", "checkpoint.",
-                  "debug.", "fast.compile", "fast.compile_mode", "guard.", "init.ddpm", "deepspeed.zero_stage")
+                  "data.max_consecutive_skips", "log.", "checkpoint.", "debug.", "fast.compile", "fast.compile_mode",
+                  "fast.cuda_graph", "guard.", "init.ddpm", "deepspeed.zero_stage")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

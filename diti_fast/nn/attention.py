@@ -126,3 +126,32 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool, backend: s
     if backend == "xformers":
         return _xformers_attention(qkv, num_heads, new_order)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def qkv_attention_tokens(qkv: torch.Tensor, num_heads: int, new_order: bool, backend: str = "sdpa") -> torch.Tensor:
+    """Attention over packed tokens [B, T, 3·H·ch] (the channels_last block's layout) -> [B, T, H·ch].
+
+    The channel index means the same as in :func:`qkv_attention` (either head layout); only the
+    memory order differs. For sdpa / xformers q, k, v are strided views of ``qkv`` (unit stride
+    along ch), so nothing is copied before the kernel; math runs the reference on the transposed
+    view."""
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv tokens must be [B, T, 3·H·ch], got shape {tuple(qkv.shape)}")
+    b, length, width = qkv.shape
+    if backend == "math":
+        return _math_attention(qkv.transpose(1, 2), num_heads, new_order).transpose(1, 2)
+    ch = _head_dim(qkv.transpose(1, 2), num_heads)
+    if new_order:
+        q, k, v = qkv.view(b, length, 3, num_heads, ch).unbind(2)          # each [B, T, H, ch]
+    else:
+        q, k, v = qkv.view(b, length, num_heads, 3, ch).unbind(3)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(b, length, num_heads * ch)
+    if backend == "xformers":
+        reason = backend_unavailable_reason("xformers", qkv.device)
+        if reason:
+            raise RuntimeError(reason)
+        import xformers.ops as xops
+        return xops.memory_efficient_attention(q, k, v).reshape(b, length, num_heads * ch)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -14,13 +14,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import GROUPS
-from .attention import qkv_attention
+from .attention import qkv_attention, qkv_attention_tokens
 
 
 class FastOptions:
     """Per-module speed switches, set model-wide by :func:`diti_fast.nn.configure_fast`."""
     fused_norm: bool = False
     attention: str = "sdpa"
+    channels_last: bool = False
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A model's input in the layout its weights were given: the one explicit layout conversion
+    (a no-op when the caller already hands over channels_last, as the CUDA-graph step does)."""
+    if channels_last and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def norm_act(gn: nn.GroupNorm, x: torch.Tensor, scale=None, shift=None, z_scale=None, z_shift=None,
@@ -31,6 +40,12 @@ def norm_act(gn: nn.GroupNorm, x: torch.Tensor, scale=None, shift=None, z_scale=
         return adaptive_group_norm(x, gn.num_groups, gn.weight, gn.bias, scale=scale, shift=shift,
                                    z_scale=z_scale, z_shift=z_shift, eps=gn.eps,
                                    act="silu" if act else None)
+    if (x.device.type == "cpu" and not x.requires_grad and gn.weight.requires_grad and torch.is_grad_enabled()
+            and x.ndim == 4 and not x.is_contiguous()):
+        # PyTorch's CPU GroupNorm backward crashes (segfault, torch 2.13) on a channels_last input
+        # that needs no gradient while the affine weights do (the first norm of the shift branch,
+        # fed by the frozen path). Asking for x's gradient takes the kernel's working path.
+        x = x.detach().requires_grad_(True)
     h = gn(x)
     expand = (...,) + (None,) * (x.ndim - 2)
     if scale is not None:
@@ -119,11 +134,26 @@ class AttentionBlock(nn.Module, FastOptions):
         self.proj_out = zero_(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, *unused) -> torch.Tensor:
+        if self.channels_last:
+            return self._forward_tokens(x)
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(norm_act(self.norm, x, act=False, fused=self.fused_norm))
         h = self.proj_out(qkv_attention(qkv, self.num_heads, self.new_order, self.attention))
         return (x + h).reshape(b, c, *spatial)
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block on a channels_last [B, C, H, W]: seen as tokens [B, H·W, C] it is dense,
+        so the 1×1 convs are plain linears, q/k/v are views with a unit stride along the head
+        channels (what the fused SDPA kernels take), and the result is channels_last again; no
+        layout copy anywhere (the NCHW path needs one for q/k/v)."""
+        b, c, *spatial = x.shape
+        h = norm_act(self.norm, x, act=False, fused=self.fused_norm)     # layout kept
+        tokens = h.flatten(2).transpose(1, 2)                              # [B, T, C], a view
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)   # [B, T, 3C]
+        a = qkv_attention_tokens(qkv, self.num_heads, self.new_order, self.attention)
+        out = x.flatten(2).transpose(1, 2) + F.linear(a, self.proj_out.weight[:, :, 0], self.proj_out.bias)
+        return out.transpose(1, 2).reshape(b, c, *spatial)               # channels_last, a view
 
 
 class EmbedSequential(nn.ModuleList):

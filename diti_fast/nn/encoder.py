@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import AttentionBlock, FastOptions, group_norm, norm_act
+from .blocks import AttentionBlock, FastOptions, group_norm, norm_act, to_layout
 
 # (image size, conv output channels, index of the conv after which the attention block sits)
 ENCODER_SPECS = {
@@ -39,6 +39,7 @@ class Encoder(nn.Module, FastOptions):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(f"encoder {self.name!r} expects {self.image_size}x{self.image_size} images, "
                              f"got {tuple(x.shape)}")
+        x = to_layout(x, self.channels_last)
         layers = list(self.encoder)
         i = 0
         while i < len(layers):
@@ -48,6 +49,10 @@ class Encoder(nn.Module, FastOptions):
                 x = norm_act(layer, x, fused=self.fused_norm)
                 i += 2
                 continue
+            if isinstance(layer, nn.Flatten) and self.channels_last:
+                # The linear head's weights read the feature map in NCHW order: the one layout
+                # copy of a channels_last encoder, explicit, of the last (smallest) map B×C·h·w.
+                x = x.contiguous()
             x = layer(x)
             i += 1
         return x

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from ..config import UNetConfig
-from .blocks import AttentionBlock, EmbedSequential, FastOptions, ResBlock, group_norm, norm_act, timestep_embedding, zero_
+from .blocks import (AttentionBlock, EmbedSequential, FastOptions, ResBlock, group_norm, norm_act, timestep_embedding,
+                     to_layout, zero_)
 
 
 def _decoder_path(cfg: UNetConfig, ch: int, input_chans: list[int], ds: int, emb_dim: int,
@@ -99,7 +100,7 @@ class UNet(nn.Module, FastOptions):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.embed_time(t)
-        return self.decode(self.encode(x, emb), emb)
+        return self.decode(self.encode(to_layout(x, self.channels_last), emb), emb)
 
 
 FROZEN = ("time_embed", "input_blocks", "middle_block", "output_blocks", "out")
@@ -144,7 +145,7 @@ class ShiftUNet(UNet):
         frozen_ctx = torch.no_grad() if self.frozen_no_grad else contextlib.nullcontext()
         with frozen_ctx:
             emb = self.embed_time(t)
-            hs = self.encode(x, emb)
+            hs = self.encode(to_layout(x, self.channels_last), emb)
             eps = self.decode(hs, emb)
         emb_z = self.label_emb(cond)
         h = self.shift_middle_block(hs[-1], emb, emb_z)

@@ -2,6 +2,7 @@
 
     python -m diti_fast.reference.check FIXTURE.pt [--attention sdpa|math|xformers]
                                                     [--fused-norm] [--fused-loss] [--skip-ddim]
+                                                    [--channels-last auto|true|false]
 
 The file format is described in tests/fixtures/golden/README.md (a copy of shared/reference/README.md). The model is built from the file's own
 configs through the project's normal loading path (typed configs, strict state-dict loading), so the
@@ -127,8 +128,9 @@ def run_check(path: str | Path, fast: FastConfig | None = None, skip_ddim: bool 
         raise FixtureError(f"{path}: no encoder for {size}px images (known: {sorted(ENCODER_BY_SIZE)})")
     cfg = model_config_from_original(fx["unet_config"], fx["diffusion_config"], fx["ssl_config"],
                                      encoder=ENCODER_BY_SIZE[size], where=f"{path}")
-    encoder = build_encoder(cfg, fast).to(device)
-    decoder = build_decoder(cfg, fast).to(device)
+    dev_type = torch.device(device).type  # fast.channels_last="auto" means on for CUDA
+    encoder = build_encoder(cfg, fast, dev_type).to(device)
+    decoder = build_decoder(cfg, fast, dev_type).to(device)
     try:
         load_state(encoder, fx["encoder_state"], f"{path}: encoder_state")
         load_state(decoder, fx["decoder_state"], f"{path}: decoder_state")
@@ -195,7 +197,7 @@ def run_check(path: str | Path, fast: FastConfig | None = None, skip_ddim: bool 
         rows.append(Row(f"stop_grad.{gkey}", e, s, 1e-4 * s + 1e-6 * s))
 
     # the standalone frozen UNet, loaded from the decoder's state with strict=False semantics
-    unet = build_unet(cfg, fast).to(device).eval()
+    unet = build_unet(cfg, fast, dev_type).to(device).eval()
     missing, unexpected, shaped = diff_state(unet, fx["decoder_state"])
     if shaped:
         raise FixtureError(f"{path}: decoder_state has mis-shaped UNet keys: {shaped[:3]}")
@@ -238,9 +240,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-norm", action="store_true", help="use the Triton adaptive GroupNorm kernel")
     ap.add_argument("--fused-loss", action="store_true", help="use the Triton DiTi loss kernel")
     ap.add_argument("--skip-ddim", action="store_true", help="leave out the 10-step DDIM quantities")
+    ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
+                    help="models in channels_last (auto: on CUDA, as the engine)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    fast = FastConfig(attention=args.attention, fused_norm=args.fused_norm, fused_loss=args.fused_loss)
+    cl = {"auto": "auto", "true": True, "false": False}[args.channels_last]
+    fast = FastConfig(attention=args.attention, fused_norm=args.fused_norm, fused_loss=args.fused_loss,
+                      channels_last=cl)
     try:
         rows = run_check(args.fixture, fast, args.skip_ddim, args.device)
     except (FixtureError, CheckpointError, ValueError) as e:

@@ -1,0 +1,195 @@
+"""The whole optimiser step as one CUDA graph: forward, backward, Adam, EMA and metrics, replayed.
+
+Why: at the per-GPU batch of the users' launch (16 images), one eager DiTi step issues about two
+thousand kernel launches; at ~5 µs of host time each that is longer than the GPU needs for the
+arithmetic, so the step is bound by launches. A CUDA graph records the step's kernels once and
+replays them with a single launch.
+
+What makes the step replayable (and what this module changes against DeepSpeed's own step):
+
+* static inputs: the micro-batches are copied into fixed device buffers (uint8, converted inside
+  the graph); the global sample indices that key t and ε are computed on the device from a step
+  counter, so t and ε are drawn inside the graph, exactly as ``noise.py`` draws them eagerly;
+* the loss-finite flag is computed, all-reduced (multi-rank) and handed to fused Adam as
+  ``found_inf`` on the device: a non-finite step still leaves weights, moments and step count
+  untouched, inside the graph;
+* Adam is the fused implementation with ``capturable=True`` (its step count lives on the device);
+* the EMA weight, decay warm-up and ``ema.every`` included, is computed on the device from the
+  step counter and multiplied by the flag (a Python float would be frozen into the graph);
+* gradients are averaged over ranks by this module (one flat all-reduce, then × 1/world, the same
+  arithmetic as DeepSpeed's ZeRO-0 all-reduce) instead of by DeepSpeed's backward hooks.
+
+Which launches can be captured: ZeRO stage 0 (DeepSpeed then only wraps the model; the step is
+ours). ZeRO-1/2 reduce-scatter gradients from backward hooks with host-side bucket bookkeeping
+and read values back to the host, which a graph cannot replay: those run DeepSpeed's eager step.
+So does ``optim.grad_clip > 0`` (DeepSpeed's clipping). The models of this project fit on one
+GPU many times over (celeba64: 53 M trainable parameters, ffhq128: 82 M; fp32 weights, gradients
+and Adam moments under 1.5 GB), so ZeRO-0 is the presets' default and the fastest correct path. Where capture is impossible the run says why
+in one line and falls back.
+
+On a CPU (tests) ``fast.cuda_graph=true`` runs the same graph-safe step without capturing it:
+that is how the CPU tests show it equals DeepSpeed's step bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from diti_fast.engine.run_config import TrainConfig
+from diti_fast.losses import LossOut
+
+WARMUP_STEPS = 3  # eager steps before capture: compile, cuDNN autotuning, allocator, lazy caches
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    graph_safe: bool      # run GraphStep (else DeepSpeed's own step)
+    capture: bool         # ... and capture it as a CUDA graph (else run it eagerly)
+    reason: str | None    # one line for the log when the request was not met in full
+
+
+def capture_blocker(cfg: TrainConfig, device: torch.device) -> str | None:
+    """Why this run's step cannot be one CUDA graph (None: it can)."""
+    if device.type != "cuda":
+        return "no CUDA device"
+    if cfg.deepspeed.zero_stage in (1, 2):
+        return (f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: ZeRO-1/2 reduce gradients from backward "
+                "hooks with host-side bookkeeping, which a CUDA graph cannot replay (ZeRO-0 can)")
+    if cfg.optim.grad_clip > 0:
+        return f"optim.grad_clip={cfg.optim.grad_clip:g}: DeepSpeed's gradient clipping is not capturable"
+    return None
+
+
+def plan_step(cfg: TrainConfig, device: torch.device) -> StepPlan:
+    """How to run the step for ``fast.cuda_graph`` ("auto": capture where possible; true: also the
+    uncaptured graph-safe step on a CPU; false: DeepSpeed's step)."""
+    want = cfg.fast.cuda_graph
+    if want is False:
+        return StepPlan(False, False, None)
+    why = capture_blocker(cfg, device)
+    if why is None:
+        return StepPlan(True, True, None)
+    if why == "no CUDA device":
+        if want is True:
+            return StepPlan(True, False, "fast.cuda_graph=true without CUDA: the graph-safe step runs uncaptured")
+        return StepPlan(False, False, None)  # auto on a CPU: nothing to report
+    return StepPlan(False, False, f"fast.cuda_graph={want}: not capturing the step, {why}; running DeepSpeed's step")
+
+
+class GraphStep:
+    """One optimiser step (``grad_accum`` micro-batches) over static buffers; see the module doc.
+
+    ``step(step)`` fills the buffers from ``data`` (host side), then runs the step: eagerly for
+    the first ``WARMUP_STEPS`` calls or when not capturing, captured on the next call and replayed
+    from then on. It returns the step's all-rank "loss was finite" flag (a device tensor)."""
+
+    def __init__(self, plan: StepPlan, cfg: TrainConfig, objective, opt: torch.optim.Optimizer, ema, meter, data,
+                 rank: int, world: int, micro: int, device: torch.device, start_step: int):
+        self.capture, self.cfg, self.objective, self.opt = plan.capture, cfg, objective, opt
+        self.ema, self.meter, self.data = ema, meter, data
+        self.rank, self.world, self.micro, self.device = rank, world, micro, device
+        self.accum, self.batch = cfg.deepspeed.grad_accum, cfg.data.batch_size
+        local = self.batch // world
+        first = [rank * local + m * micro for m in range(self.accum)]
+        self.base_index = [torch.arange(f, f + micro, device=device) for f in first]
+        self.step_t = torch.full((), start_step, dtype=torch.int64, device=device)  # steps done
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        opt.found_inf = self.found_inf  # fused Adam reads it at every step (also inside the graph)
+        self.nan_steps = set(cfg.debug.nan_at_steps) if cfg.debug.nan_rank in (-1, rank) else set()
+        self.poison = torch.ones((), dtype=torch.float32, device=device) if cfg.debug.nan_at_steps else None
+        self.raw: list[torch.Tensor] | None = None  # per micro-step [micro, C, H, W] uint8, on first fill
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+        if plan.capture:
+            # The autocast weight cache would hold casts made during capture across replays.
+            objective.autocast_cache = False
+
+    # ---- host side
+    def _fill(self, step: int) -> None:
+        for m in range(self.accum):
+            batch = self.data.next(m)
+            if self.raw is None:
+                # In the models' layout: the layout change happens in this copy, not in the graph.
+                fmt = torch.channels_last if self.objective.channels_last else torch.contiguous_format
+                self.raw = [torch.empty(batch.shape, dtype=torch.uint8, device=self.device, memory_format=fmt)
+                            for _ in range(self.accum)]
+            self.raw[m].copy_(batch, non_blocking=True)
+        if self.poison is not None:
+            self.poison.fill_(float("nan") if step + 1 in self.nan_steps else 1.0)
+
+    def step(self, step: int) -> torch.Tensor:
+        self._fill(step)
+        if not self.capture:
+            self.opt.zero_grad(set_to_none=True)  # as DeepSpeed's step leaves them
+            self._body()
+        elif self.graph is None and self.calls < WARMUP_STEPS:
+            side = torch.cuda.Stream(self.device)  # warm-up off the default stream, as capture wants
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                self._body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            if self.graph is None:
+                # Gradients None at capture: the graph's backward allocates them in its own pool,
+                # and every replay writes them afresh (no accumulation across steps).
+                self.opt.zero_grad(set_to_none=True)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self._body()
+            self.graph.replay()
+        self.calls += 1
+        return self.finite
+
+    # ---- the step (device only: no host reads, no Python values that change between steps)
+    def _body(self) -> None:
+        from diti_fast.data import to_model_input  # the same conversion as the eager step
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for m in range(self.accum):
+            index = self.base_index[m] + self.step_t * self.batch   # global sample indices
+            out, t = self.objective(to_model_input(self.raw[m]), index)
+            if self.poison is not None:  # debug.nan_at_steps: × NaN on those steps, × 1 (exact) otherwise
+                p = self.poison
+                out = LossOut(out.loss * p, out.per_sample * p, out.buckets and (out.buckets[0] * p, out.buckets[1]))
+            finite &= torch.isfinite(out.loss.detach())
+            self.meter.add_samples(out.per_sample, t, out.buckets)
+            (out.loss / self.accum).backward()  # DeepSpeed divides by grad_accum too (exact for 1)
+        if self.world > 1:
+            self._average_gradients()
+            flag = finite.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        self.found_inf.copy_((~finite).to(torch.float32))
+        self.opt.step()
+        self.ema.update(self._ema_weight(finite))
+        self.meter.add_step(finite)
+        self.step_t += 1
+        self.finite.copy_(finite)
+
+    def _ema_weight(self, finite: torch.Tensor) -> torch.Tensor:
+        """The loop's ``finite * (1 - decay)`` on update steps, 0 otherwise, from the device counter:
+        float64 arithmetic as Python's, rounded to float32 as the loop's tensor product is."""
+        e = self.cfg.ema
+        s = self.step_t + 1                        # the step being taken, 1-based
+        due = (s % e.every) == 0
+        decay = torch.full((), e.decay, dtype=torch.float64, device=self.device)
+        if e.warmup:
+            n = (s // e.every - 1).to(torch.float64)  # updates done before this one
+            decay = torch.minimum(decay, (1 + n) / (10 + n))
+        return ((finite & due).to(torch.float64) * (1.0 - decay)).to(torch.float32)
+
+    def _average_gradients(self) -> None:
+        """Sum over ranks, then × 1/world: DeepSpeed ZeRO-0's all-reduce arithmetic, one flat buffer
+        per dtype (flatten and copy back are captured with the rest)."""
+        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            group = [g for g in grads if g.dtype == dtype]
+            flat = _flatten_dense_tensors(group)
+            dist.all_reduce(flat)
+            flat.mul_(1.0 / self.world)
+            for g, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                g.copy_(synced)

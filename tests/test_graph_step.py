@@ -1,0 +1,150 @@
+"""The graph-safe step (engine/graph_step.py) against DeepSpeed's eager step of the same run.
+
+On a CPU ``fast.cuda_graph=true`` runs the graph-safe step uncaptured: the static buffers, the
+device-side sample indices, ``found_inf`` handed to fused Adam, the EMA weight computed on the
+device, the meter inside the step. It must equal DeepSpeed's step bit for bit (module, EMA,
+optimiser state, logged losses), including a skipped NaN step, EMA warm-up and gradient
+accumulation. On a GPU (skipped here; run by benchmarks/gpu_check.sh) the captured graph must
+equal the uncaptured step over 20 steps and still skip a NaN step inside the graph.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diti_fast.engine.graph_step import capture_blocker, plan_step
+from diti_fast.engine.loop import train
+from diti_fast.engine.run_config import apply_overrides, build_config
+from test_train_engine import TINY as ENGINE_TINY
+
+TINY = {
+    # the engine tests' tiny model, with dropout on: its random stream must replay in the graph too
+    "model": {**ENGINE_TINY["model"], "unet": {**ENGINE_TINY["model"]["unet"], "dropout": 0.1}},
+    "stage": "ddpm",
+    "run": {"threads": 1, "seed": 5},
+    "data": {"source": "fixed", "batch_size": 4, "num_workers": 0, "image_size": 16},
+    "optim": {"lr": 1e-3, "scale_lr_by_batch": False},
+    "deepspeed": {"zero_stage": 0},
+    "ema": {"decay": 0.99, "warmup": True},
+    "log": {"every": 1, "progress": False, "tensorboard": False},
+    "checkpoint": {"every": 0},
+}
+
+
+def _cfg(run_dir: Path, *overrides: str):
+    return build_config(apply_overrides(TINY, [f"run.dir={run_dir}", *overrides]), "test")
+
+
+def _final_state(run_dir: Path) -> dict:
+    """Module, EMA and optimiser state of the run's last checkpoint, and its logged losses."""
+    ck = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    model = torch.load(ck / "model.pt", weights_only=True)
+    opt = torch.load(ck / "rank-00000.pt", weights_only=True)["optimizer"]
+    losses = [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"model": model, "opt": opt, "losses": losses}
+
+
+def _assert_equal(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and a != a:
+        assert b != b, where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("extra", [
+    ["stage=ddpm", "ema.every=1"],
+    ["stage=ddpm", "deepspeed.grad_accum=2", "ema.every=2", "fast.channels_last=true"],
+], ids=["ddpm", "ddpm-accum2-ema-every2-channels-last"])
+def test_the_graph_safe_step_equals_deepspeeds_step_bit_for_bit(tmp_path, extra, capsys):
+    # 6 steps with a NaN at step 3: the skip, the EMA warm-up and the device counters all act.
+    common = ["run.device=cpu", "run.max_images=24", "debug.nan_at_steps=[3]", *extra]
+    train(_cfg(tmp_path / "ds", "fast.cuda_graph=false", *common))
+    ds = _final_state(tmp_path / "ds")
+    train(_cfg(tmp_path / "gs", "fast.cuda_graph=true", *common))
+    assert "the graph-safe step runs uncaptured" in capsys.readouterr().out
+    gs = _final_state(tmp_path / "gs")
+    _assert_equal(gs, ds)
+    # the NaN step was skipped: 5 Adam updates in 6 steps, its loss logged as missing
+    steps = {int(v["step"]) for v in gs["opt"]["state"].values()}
+    assert steps == {5}
+    assert gs["losses"][2] != gs["losses"][2] and all(x == x for i, x in enumerate(gs["losses"]) if i != 2)
+
+
+def test_plan_names_why_a_step_is_not_captured():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    base = _cfg(Path("unused"))
+    assert capture_blocker(base, cuda) is None
+    z2 = _cfg(Path("unused"), "deepspeed.zero_stage=2")
+    assert "zero_stage=2" in capture_blocker(z2, cuda)
+    assert "grad_clip" in capture_blocker(_cfg(Path("unused"), "optim.grad_clip=1.0"), cuda)
+    p = plan_step(z2, cuda)
+    assert not p.graph_safe and "running DeepSpeed's step" in p.reason and "\n" not in p.reason
+    assert plan_step(base, cuda).capture
+    assert not plan_step(base, cpu).graph_safe  # auto on a CPU: DeepSpeed's step, nothing to report
+    assert plan_step(_cfg(Path("unused"), "fast.cuda_graph=true"), cpu) == plan_step(
+        _cfg(Path("unused"), "fast.cuda_graph=true"), cpu)
+    assert not plan_step(_cfg(Path("unused"), "fast.cuda_graph=false"), cuda).graph_safe
+
+
+# ------------------------------------------------------------------------------ GPU only
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
+
+
+def _gpu_run(run_dir: Path, *overrides: str) -> dict:
+    # Deterministic kernels, so that two runs of the same arithmetic agree bit for bit.
+    torch.backends.cudnn.deterministic = True
+    train(_cfg(run_dir, "run.device=cuda", "run.max_images=80", "run.precision=fp32", "fast.attention=math",
+               *overrides))
+    return _final_state(run_dir)
+
+
+@cuda_only
+def test_a_captured_step_equals_the_uncaptured_step_over_20_steps(tmp_path, capsys):
+    eager = _gpu_run(tmp_path / "eager", "fast.cuda_graph=false")
+    graph = _gpu_run(tmp_path / "graph", "fast.cuda_graph=true")
+    assert " cuda-graph" in capsys.readouterr().out  # it really was captured
+    assert len(graph["losses"]) == 20
+    _assert_equal(graph, eager)
+
+
+@cuda_only
+def test_a_nan_step_is_skipped_inside_the_graph(tmp_path, capsys):
+    eager = _gpu_run(tmp_path / "eager", "fast.cuda_graph=false", "debug.nan_at_steps=[7]")
+    graph = _gpu_run(tmp_path / "graph", "fast.cuda_graph=true", "debug.nan_at_steps=[7]")
+    assert " cuda-graph" in capsys.readouterr().out
+    # step 7 comes after the capture (3 warm-up steps, captured at step 4)
+    assert {int(v["step"]) for v in graph["opt"]["state"].values()} == {19}
+    assert graph["losses"][6] != graph["losses"][6]
+    _assert_equal(graph, eager)
+
+
+@cuda_only
+def test_capturable_fused_adam_equals_the_plain_fused_adam():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ps = [torch.randn(64, 32, device="cuda", generator=g) for _ in range(3)]
+    runs = []
+    for capturable in (False, True):
+        params = [p.clone().requires_grad_() for p in ps]
+        opt = torch.optim.Adam(params, lr=1e-3, fused=True, capturable=capturable)
+        for i in range(5):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (i + 1))
+            opt.found_inf = torch.tensor(float(i == 2), device="cuda")
+            opt.step()
+        runs.append([p.detach() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -17,4 +17,12 @@ if __name__ == "__main__" and not __package__:
 from diti_fast.engine.loop import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A multi-rank run that stopped early or failed: leave without the interpreter's teardown.
+        # There the C++ process group's threads can hit std::terminate (SIGABRT) once the other
+        # ranks are gone, and the launcher would record that signal instead of our exit status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -42,18 +42,18 @@ from diti_fast.data.errors import DataError
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine import run_lock
 from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
-from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
-                                     validate_runtime)
 from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed_config, make_optimizer,
                                           setup_distributed)
-from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.ema import EMA
 from diti_fast.engine.graph_step import GraphStep, plan_step
-from diti_fast.engine.visuals import Visuals
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
 from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm
+from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
+                                         validate_runtime)
+from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.stopping import StopSignal, stop_reason
+from diti_fast.engine.visuals import Visuals
 from diti_fast.losses import LossOut
 from diti_fast.weights import CheckpointError, export_path, save_export
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import write_text_atomic
 from .plan import Plan
 
 ENCODERS = ("diti", "pdae")
@@ -29,9 +30,8 @@ def log(msg: str) -> None:
 def write_json(path: Path, obj) -> None:
     from ..eval.report import jsonable
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=1), encoding="utf-8")
-    tmp.replace(path)  # atomic: a phase's marker file exists only when the phase finished
+    # atomic: a phase's marker file exists only when the phase finished
+    write_text_atomic(path, json.dumps(jsonable(obj), indent=1))
 
 
 def read_json(path: Path):

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
+from ..files import write_text_atomic
 from .errors import DataError, DataFormatError
 
 MANIFEST_NAME = "manifest.json"
@@ -147,9 +148,6 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path
     """Atomic write: a crash never leaves a half-written manifest that looks complete."""
     validate_manifest(manifest, "manifest to write")
     path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
     clean = dict(manifest)
     clean["shards"] = [{k: v for k, v in s.items() if k != "path"} for s in manifest["shards"]]
-    tmp.write_text(json.dumps(clean, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(clean, indent=1, sort_keys=False) + "\n")

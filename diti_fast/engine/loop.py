@@ -54,6 +54,7 @@ from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, re
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.stopping import StopSignal, stop_reason
 from diti_fast.engine.visuals import Visuals
+from diti_fast.files import write_text_atomic
 from diti_fast.losses import LossOut
 from diti_fast.weights import CheckpointError, export_path, save_export
 
@@ -103,9 +104,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> t
                                   " (use a new run.dir to train with these settings)")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved_cfg.with_suffix(".yaml.tmp")
-        tmp.write_text(dump_yaml(cfg))
-        os.replace(tmp, saved_cfg)
+        write_text_atomic(saved_cfg, dump_yaml(cfg))
     return found
 
 

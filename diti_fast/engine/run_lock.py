@@ -24,6 +24,7 @@ from pathlib import Path
 
 from diti_fast.config import ConfigError
 from diti_fast.engine.distributed import agree
+from diti_fast.files import write_text_atomic
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
@@ -175,9 +176,7 @@ def write_status(run_dir: Path, status: str, **fields) -> None:
     (torchrun and deepspeed turn any rank's non-zero exit into 1), so a job script reads this:
     "done", "stopped" (checkpoint written; relaunch to resume) or "failed"."""
     path = Path(run_dir) / "status.json"
-    tmp = path.with_suffix(".json.tmp")
     try:
-        tmp.write_text(json.dumps(dict(status=status, time=time.time(), **fields), indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(dict(status=status, time=time.time(), **fields), indent=1))
     except OSError:
         pass  # a status file must never turn a finished run into a failed one

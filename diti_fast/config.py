@@ -299,3 +299,18 @@ def model_config_from_original(unet_config: dict, diffusion_config: dict, ssl_co
                       encoder=EncoderConfig(name=encoder, latent_dim=unet.latent_dim))
     cfg.validate(where)
     return cfg
+
+
+def comparable(v):
+    """A config value in one form for comparing configs from different sources: our tuples and the
+    lists of saved YAML/JSON, and the original's "50,100" integer-list strings, all become lists."""
+    if isinstance(v, str) and "," in v:
+        try:
+            return [int(x) for x in v.split(",") if x.strip()]
+        except ValueError:
+            return v
+    if isinstance(v, (list, tuple)):
+        return [comparable(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v

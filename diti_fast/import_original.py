@@ -28,30 +28,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, UNetConfig, from_dict, load_yaml, to_dict
+from .config import ConfigError, UNetConfig, comparable, from_dict, load_yaml, to_dict
 from .weights import DDPM_KEYS, RUN_KEYS, CheckpointError, export_path, save_export, torch_load
 
 # The original's encoder classes (encoder_config.model) -> this project's encoder names.
 ENCODER_CLASSES = {"CELEBA64Encoder": "celeba64", "FFHQEncoder": "ffhq128", "BEDROOMEncoder": "bedroom128"}
 
 
-def _norm(v):
-    """Compare "50,100" strings, lists and tuples alike."""
-    if isinstance(v, str) and "," in v:
-        try:
-            return [int(x) for x in v.split(",") if x.strip()]
-        except ValueError:
-            return v
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v
-
-
 def _compare(pairs, what: str) -> None:
     """``pairs``: (our dotted field, our value, their field, their value). Raise naming every mismatch."""
-    diffs = [f"{ours}: preset has {a!r}, {theirs} has {b!r}" for ours, a, theirs, b in pairs if _norm(a) != _norm(b)]
+    diffs = [f"{ours}: preset has {a!r}, {theirs} has {b!r}" for ours, a, theirs, b in pairs if comparable(a) != comparable(b)]
     if diffs:
         raise ConfigError(f"{what} disagrees with the preset: " + "; ".join(diffs)
                           + " (choose the preset of that original config, or override the field)")

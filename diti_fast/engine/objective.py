@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from diti_fast.config import ConfigError, channels_last_on, to_dict
+from diti_fast.config import ConfigError, channels_last_on, comparable, to_dict
 from diti_fast.diffusion import make_schedule
 from diti_fast.engine import noise
 from diti_fast.engine.run_config import TrainConfig
@@ -109,7 +109,7 @@ def check_init_ddpm(cfg: TrainConfig) -> Path:
     ours, theirs = to_dict(cfg.model.unet), dict(meta["model"].get("unet", {}))
     # latent_dim only sizes the (trainable) label embedding; dropout never acts on the frozen path.
     diffs = [f"model.unet.{k}: export has {theirs.get(k)!r}, config has {v!r}" for k, v in ours.items()
-             if k not in ("latent_dim", "dropout") and _norm(theirs.get(k)) != _norm(v)]
+             if k not in ("latent_dim", "dropout") and comparable(theirs.get(k)) != comparable(v)]
     if to_dict(cfg.model.diffusion) != meta["model"].get("diffusion"):
         diffs.append(f"model.diffusion: export has {meta['model'].get('diffusion')}, config has "
                      f"{to_dict(cfg.model.diffusion)}")
@@ -129,6 +129,3 @@ def load_frozen_ddpm(decoder: nn.Module, cfg: TrainConfig) -> str:
     decoder.freeze()
     return str(path)
 
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v

@@ -271,3 +271,23 @@ def test_shard_shorter_than_manifest(shards, tmp_path):
             seen += _indices(eval_loader(copy, batch_size=8, rank=rank, world_size=2, num_workers=0))
     # Positions of the missing samples stay reserved: nothing shifts onto another rank twice.
     assert sorted(seen) == [i for i in range(150) if not 51 <= i < 62]
+
+
+def test_program_exits_with_a_worker_iterator_left_open(shards, tmp_path):
+    """An uncaught exception keeps a half-read loader alive in its traceback. Our workers ignore
+    SIGTERM (the main process owns shutdown), so without the loader's exit hook multiprocessing's
+    own exit hook (SIGTERM, then join) would wait on them forever."""
+    import subprocess
+    import sys
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "from diti_fast.data import train_loader\n"
+        f"it = iter(train_loader({str(shards)!r}, batch_size=4, num_workers=2))\n"
+        "next(it)\n"
+        "raise RuntimeError('crash with the loader open')\n")
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the program hung at exit with loader workers open")
+    assert proc.returncode == 1
+    assert "crash with the loader open" in proc.stderr

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import signal
 import warnings
+import weakref
 from typing import Iterator
 
 import torch
@@ -16,6 +18,29 @@ from .skip_stats import SkipStats
 from .train_stream import TrainStream, read_amplification
 
 DEFAULT_STREAMS = 8
+
+# Worker-backed iterators still open. Our workers ignore SIGTERM (see _ignore_stop_signals), so
+# multiprocessing's exit hook, which terminates daemonic children with SIGTERM and then joins them,
+# would wait forever on one whose iterator outlived the program, e.g. held by the traceback of an
+# uncaught exception. This hook runs first (atexit is last-in, first-out; it is registered after
+# multiprocessing's) and stops them the way an exhausted iterator does.
+_OPEN_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _shutdown_open_iterators() -> None:
+    for it in list(_OPEN_ITERATORS):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _track(it) -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_shutdown_open_iterators)
+        _exit_hook_registered = True
+    _OPEN_ITERATORS.add(it)
 
 
 class BatchLoader:
@@ -53,6 +78,7 @@ class BatchLoader:
             # point). The streams seed themselves from (seed, epoch, rank, ...) and ignore it.
             generator=torch.Generator(),
         ))
+        _track(batches)
         try:
             yield from batches
         finally:

@@ -1,24 +1,31 @@
 """Run-level parity: whole short DiTi runs compared per t-bucket, with intervals.
 
     python benchmarks/parity.py [--cases fp32,bf16] [--steps 300] [--threads 1] [--parallel]
-                                [--work runs/parity] [--out benchmarks/results/parity]
-    DITI_ORIGINAL=/tmp/diti_orig python benchmarks/parity.py --cases fp32,original --image-size 64
+                                [--work runs/parity] [--data SHARDS] [--ddpm RUN_DIR]
+                                [--out benchmarks/results/parity]
+    DITI_ORIGINAL=/tmp/diti_orig python benchmarks/parity.py --cases fp32,bf16,original,original_first5k \
+        --data runs/claim/data/train --ddpm runs/claim/ddpm --threads 2
 
 Every case trains DiTi (base) for ``--steps`` steps from the same frozen DDPM on the same shards
 (the synthetic ``clear`` variant), batch 32, logging the loss of every step per t-bucket (10 equal
 ranges of t). The statistic is the mean loss per bucket over the last 100 steps, as a ratio to the
-``fp32`` case with a 95% bootstrap interval over steps:
+``fp32`` case with a 95% bootstrap interval over steps. Every case is *paired* with ``fp32``: the
+same initial weights, the same batches, the same t and ε per sample (keyed by the seed and the
+sample's index), so the bootstrap resamples the same steps for both, which removes the sampling
+noise they share and leaves the difference the code makes.
 
-* ``fp32`` / ``bf16`` (``run.precision``): this engine in float32 and under bf16 autocast. t, ε and
-  the data order are keyed by the seed, so both runs see the same samples at every step: the
-  bootstrap resamples steps *paired* (the same steps for both), which removes the sampling noise
-  the two runs share.
+* ``fp32`` / ``bf16`` (``run.precision``): this engine in float32 and under bf16 autocast.
 * ``original`` (``DITI_ORIGINAL`` = an extracted copy of github.com/yue-zhongqi/diti, never part of
-  this repository): the original's ShiftUNet, encoder and ``GaussianDiffusion.pdae_timestep_loss``,
-  stepped as its trainer does (torch Adam), fed the same shards through this project's loader. Its t
-  and ε come from its own ``torch.randint``/``randn``: unpaired, steps resampled independently. The
-  original has no 32-px encoder, so this case needs ``--image-size 64`` (celeba64 encoder, the
-  shapes32 UNet): every case of that invocation then uses it.
+  this repository): the original's ShiftUNet and ``GaussianDiffusion.pdae_timestep_loss``, stepped as
+  its trainer does (torch Adam, fp32), with the engine's t/ε draws handed to its ``torch.randint`` /
+  ``randn_like`` calls. At 32 px it trains the engine's shapes32 encoder (the original's smallest
+  encoder is celeba64; ``--image-size 64`` uses that one, at four times the cost).
+* ``original_first5k``: the same, with the frozen DDPM left in train mode (dropout on the frozen
+  path), which is how the original's trainer runs until its first evaluation calls
+  ``decoder.eval()`` (``evaluate_every_steps``: 5000 in the released configs).
+
+``--ddpm`` / ``--data`` reuse a trained DDPM and its shards (e.g. the claim run's, whose DDPM
+passed a recognisability check); without them a small DDPM is trained once for ``--ddpm-steps``.
 
 Outputs: ``parity.json`` (settings, command, commit, per-case per-bucket means, ratios and
 intervals, timings) and ``parity.png`` (ratio per bucket with intervals; loss curves).
@@ -39,6 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 LAST = 100
 BATCH = 32
+ORIGINAL_CASES = {"original", "original_first5k"}
 
 
 def model_overrides(image_size: int) -> tuple[str, list[str]]:
@@ -54,21 +62,31 @@ def model_overrides(image_size: int) -> tuple[str, list[str]]:
 
 
 def common(args, run_dir: Path) -> list[str]:
-    return [f"data.shards={args.work / 'data'}", f"run.dir={run_dir}", "run.device=cpu",
+    return [f"data.shards={data_dir(args)}", f"run.dir={run_dir}", "run.device=cpu",
             f"run.threads={args.threads}", f"data.batch_size={BATCH}", "data.num_workers=1", "data.hflip=false",
             "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "checkpoint.on_signal=false"]
 
 
+def data_dir(args) -> Path:
+    return args.data or args.work / "data"
+
+
+def ddpm_dir(args) -> Path:
+    return args.ddpm or args.work / "ddpm"
+
+
 def prepare(args) -> Path:
-    """Shards and the frozen DDPM (cached in the work directory)."""
+    """Shards and the frozen DDPM (cached in the work directory), unless --data / --ddpm name them."""
     from data_shards.synthetic import make_synthetic_shards
     from diti_fast.engine.loop import train
     from diti_fast.engine.run_config import load_config
     from diti_fast.weights import export_path
-    if not (args.work / "data" / "manifest.json").is_file():
+    if args.data is None and not (args.work / "data" / "manifest.json").is_file():
         make_synthetic_shards(args.work / "data", 4000, image_size=args.image_size, seed=0, maxcount=1000,
                               variant="clear")
-    ddpm = args.work / "ddpm"
+    ddpm = ddpm_dir(args)
+    if args.ddpm is not None and not export_path(ddpm).is_file():
+        raise SystemExit(f"--ddpm {ddpm}: no export at {export_path(ddpm)}")
     if not export_path(ddpm).is_file():
         config, over = model_overrides(args.image_size)
         train(load_config(config, over + common(args, ddpm) + [
@@ -87,64 +105,87 @@ def worker_engine(args, case: str, out: Path) -> None:
     precision = {"fp32": "fp32", "bf16": "bf16"}[case]
     t0 = time.perf_counter()
     train(load_config(config, over + common(args, run) + [
-        f"init.ddpm={args.work / 'ddpm'}", f"run.max_images={args.steps * BATCH}", f"run.precision={precision}",
+        f"init.ddpm={ddpm_dir(args)}", f"run.max_images={args.steps * BATCH}", f"run.precision={precision}",
         "log.every=1", "log.t_buckets=10", "checkpoint.resume=false"]))
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     out.write_text(json.dumps({"loss_t": [r["loss_t"] for r in recs], "loss": [r["loss"] for r in recs],
                                "wall_s": time.perf_counter() - t0}))
 
 
-def worker_original(args, out: Path) -> None:
+def worker_original(args, case: str, out: Path) -> None:
+    """The original's ShiftUNet and ``GaussianDiffusion.pdae_timestep_loss``, stepped as its trainer
+    does (torch Adam, plain fp32), paired with the engine's fp32 case: the same initial weights (built by
+    the engine's Objective under the same seed, then loaded into the original's modules), the same
+    batches (the engine's MicroBatches), the same t and ε per sample (the engine's keyed draws, handed
+    to the original's ``torch.randint``/``torch.randn_like`` calls) and the same dropout seed.
+
+    ``original``: the frozen DDPM in eval mode, as the original runs it from its first evaluation on
+    (``decoder.eval()`` at step ``evaluate_every_steps``, after which ``set_train_mode`` re-enables only
+    the shift branch). ``original_first5k``: as its trainer runs *before* that first evaluation, with
+    the frozen path left in train mode (its dropout active: 5000 steps in the released configs).
+    """
+    import contextlib
+    from unittest import mock
+
     import torch
     sys.path.insert(0, os.environ["DITI_ORIGINAL"])
     from model.diffusion import GaussianDiffusion
-    from model.representation.encoder.celeba64 import CELEBA64Encoder
     from model.unet import ShiftUNet
 
     from diti_fast.config import to_dict
-    from diti_fast.data import to_model_input, train_loader
+    from diti_fast.data import to_model_input
+    from diti_fast.engine import noise
+    from diti_fast.engine.microbatches import MicroBatches
+    from diti_fast.engine.objective import Objective, load_frozen_ddpm
     from diti_fast.engine.run_config import load_config
     from diti_fast.masks import TimestepMasks
-    from diti_fast.weights import export_path, load_weights, split_prefixed
-    if args.image_size != 64:
-        raise SystemExit("the original case needs --image-size 64 (its smallest encoder is celeba64)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config, over = model_overrides(64)
-    cfg = load_config(config, over + ["data.source=fixed", "init.ddpm=x"])
+    config, over = model_overrides(args.image_size)
+    cfg = load_config(config, over + common(args, args.work / case) + [f"init.ddpm={ddpm_dir(args)}"])
     u, m = cfg.model.unet, cfg.model
-    torch.manual_seed(0)
-    encoder = CELEBA64Encoder(latent_dim=u.latent_dim)
+    torch.manual_seed(cfg.run.seed)  # as the engine: the same initial encoder and shift branch
+    ours = Objective(cfg, torch.device("cpu"), autocast=False)
+    load_frozen_ddpm(ours.decoder, cfg)
     decoder = ShiftUNet(**{**to_dict(u), "channel_multiplier": tuple(u.channel_multiplier),
                            "attention_resolutions": tuple(u.attention_resolutions)})
-    tensors, _ = load_weights(export_path(args.work / "ddpm"))
-    missing, unexpected = decoder.load_state_dict(split_prefixed(tensors, "unet"), strict=False)
-    if unexpected:
-        raise SystemExit(f"the DDPM export does not fit the original's ShiftUNet: unexpected {unexpected[:5]}")
+    decoder.load_state_dict(ours.decoder.state_dict(), strict=True)
+    if args.image_size == 64:
+        from model.representation.encoder.celeba64 import CELEBA64Encoder
+        encoder = CELEBA64Encoder(latent_dim=u.latent_dim)
+        encoder.load_state_dict(ours.encoder.state_dict(), strict=True)
+    else:
+        # The original has no 32-px encoder (its smallest is celeba64): this case trains the engine's
+        # shapes32 encoder module inside the original's loop, loss and shift decoder.
+        encoder = ours.encoder
     for name in ("time_embed", "input_blocks", "middle_block", "output_blocks", "out"):
         getattr(decoder, name).requires_grad_(False)
     params = [p for p in list(encoder.parameters()) + list(decoder.parameters()) if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.Adam(params, lr=cfg.optim.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     diffusion = GaussianDiffusion(to_dict(m.diffusion), device="cpu")
     tm = TimestepMasks.build(m.masks, u.latent_dim, m.diffusion.timesteps)
     tables = tm.tables()
-    def batches():  # epoch after epoch, as the engine's loader does
-        epoch = 0
-        while True:
-            yield from train_loader(str(args.work / "data"), batch_size=BATCH, seed=0, hflip=False, num_workers=1,
-                                    start_epoch=epoch)
-            epoch += 1
-    loader = batches()
+    data = MicroBatches(cfg, 0, 1, BATCH, args.image_size, None, torch.device("cpu"))
+    if case == "original":
+        decoder.eval()  # what its first evaluation leaves behind; set_train_mode re-enables the shift branch
+    torch.manual_seed(cfg.run.seed * 1_000_003)  # dropout, as the engine seeds it
     T, nb = m.diffusion.timesteps, 10
     loss_t, losses = [], []
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        x0 = to_model_input(next(loader)["image"], "cpu")
+    for step in range(args.steps):
+        x0 = to_model_input(data.next(0), "cpu")
+        index = torch.arange(step * BATCH, (step + 1) * BATCH)
+        t_draw, eps_draw = noise.draw(cfg.run.seed, index, tuple(x0.shape[1:]), T)
         encoder.train()
         decoder.set_train_mode()
         opt.zero_grad()
-        loss, elem, t = diffusion.pdae_timestep_loss(encoder, decoder, x0, tm.t_to_idx, tables["masks"],
-                                                     tables["k_masks"], tables["receding_masks"], "base")
+        # The original draws t and ε inside pdae_timestep_loss; hand it the engine's draws instead.
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(torch, "randint", lambda *a, **k: t_draw.clone()))
+            stack.enter_context(mock.patch.object(torch, "randn_like", lambda *a, **k: eps_draw.clone()))
+            loss, elem, t = diffusion.pdae_timestep_loss(encoder, decoder, x0, tm.t_to_idx, tables["masks"],
+                                                         tables["k_masks"], tables["receding_masks"], "base")
+        assert torch.equal(t, t_draw)
         per = elem.detach().flatten(1).mean(1)
         b = (t * nb) // T
         loss_t.append([float(per[b == i].mean()) if (b == i).any() else None for i in range(nb)])
@@ -157,6 +198,7 @@ def worker_original(args, out: Path) -> None:
 def start_case(args, case: str) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--steps", str(args.steps),
            "--threads", str(args.threads), "--work", str(args.work), "--image-size", str(args.image_size)]
+    cmd += [x for opt, v in (("--data", args.data), ("--ddpm", args.ddpm)) if v is not None for x in (opt, str(v))]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
@@ -229,25 +271,33 @@ def plot(results: dict, comparisons: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--cases", default="fp32,bf16", help="comma-separated: fp32 (the baseline), bf16, original")
+    ap.add_argument("--cases", default="fp32,bf16",
+                    help="comma-separated: fp32 (the baseline), bf16, original, original_first5k")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ddpm-steps", type=int, default=400, help="length of the frozen DDPM's own training")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=32, choices=(32, 64))
     ap.add_argument("--work", type=Path, default=Path("runs/parity"))
+    ap.add_argument("--data", type=Path, default=None, help="shards to train on (default: WORK/data, made once)")
+    ap.add_argument("--ddpm", type=Path, default=None,
+                    help="a ddpm-stage run directory to freeze (default: WORK/ddpm, trained once for --ddpm-steps)")
     ap.add_argument("--parallel", action="store_true", help="run the cases at the same time")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity")
     args = ap.parse_args(argv)
     if args.worker:
+        args.work.mkdir(parents=True, exist_ok=True)
         out = args.work / f"{args.worker}.json"
-        worker_original(args, out) if args.worker == "original" else worker_engine(args, args.worker, out)
+        if args.worker in ORIGINAL_CASES:
+            worker_original(args, args.worker, out)
+        else:
+            worker_engine(args, args.worker, out)
         return 0
     if args.steps < LAST:
         raise SystemExit(f"--steps must be >= {LAST} (the statistic is over the last {LAST} steps)")
     cases = args.cases.split(",")
     if "fp32" not in cases:
         raise SystemExit("--cases must include fp32 (the baseline of every comparison)")
-    if "original" in cases and not os.environ.get("DITI_ORIGINAL"):
+    if set(cases) & ORIGINAL_CASES and not os.environ.get("DITI_ORIGINAL"):
         raise SystemExit("the original case needs DITI_ORIGINAL=/path/to/an/extracted/copy/of/diti")
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -265,7 +315,7 @@ def main(argv=None) -> int:
             timings[f"{case}_s"] = time.perf_counter() - t
             print(f"{case}: done in {timings[f'{case}_s']:.0f} s", flush=True)
     base = bucket_table(results["fp32"]["loss_t"])
-    comparisons = {c: ratio_intervals(bucket_table(results[c]["loss_t"]), base, paired=c != "original")
+    comparisons = {c: ratio_intervals(bucket_table(results[c]["loss_t"]), base, paired=True)
                    for c in cases if c != "fp32"}
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, comparisons, args.out / "parity.png")
@@ -273,9 +323,10 @@ def main(argv=None) -> int:
                             text=True).stdout.strip()
     summary = {"command": "python benchmarks/parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "commit": commit, "steps": args.steps, "last_steps": LAST, "batch": BATCH, "threads": args.threads,
-               "image_size": args.image_size, "ddpm_steps": args.ddpm_steps, "parallel": args.parallel,
+               "image_size": args.image_size, "ddpm_steps": args.ddpm_steps if args.ddpm is None else None,
+               "ddpm": str(ddpm_dir(args)), "data": str(data_dir(args)), "parallel": args.parallel,
                "timings": timings,
-               "comparisons": {c: {"paired": c != "original", "buckets": ivs, "within_5_percent": within(ivs)}
+               "comparisons": {c: {"paired": True, "buckets": ivs, "within_5_percent": within(ivs)}
                                for c, ivs in comparisons.items()},
                "final_losses": {c: float(np.mean(r["loss"][-LAST:])) for c, r in results.items()}}
     (args.out / "parity.json").write_text(json.dumps(summary, indent=1))

@@ -105,7 +105,16 @@ def test_smoke_claim_runs_end_to_end_and_resumes(tmp_path):
     assert len(result["git"]["commit"]) == 40 and result["plan"]["name"] == "smoke"
     assert set(PHASES) <= set(result["timings_s"]) and all(v >= 0 for v in result["timings_s"].values())
     assert A.finite_tree(result)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if head:  # the commit that ran (read at the start), not whatever HEAD is when the report is written
+        assert result["git"]["commit"] == head
     for name in ("diti", "pdae"):
+        # The loss drop the reading quotes: first vs last tenth of the run's own metrics records.
+        losses = [json.loads(line)["loss"] for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        k = max(1, len(losses) // 10)
+        enc = result["encoders"][name]
+        assert enc["loss_first_tenth"] == pytest.approx(np.mean(losses[:k]))
+        assert enc["loss_drop_fraction"] == pytest.approx(1 - np.mean(losses[-k:]) / np.mean(losses[:k]))
         fc = result["attribution"][name]["fine_vs_coarse"]
         for key in ("fine_mean_onset", "coarse_mean_onset", "onset_difference_coarse_minus_fine"):
             iv = fc[key]

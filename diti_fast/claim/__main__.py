@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                          "smoke: WORK/results)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    ap.add_argument("--diti-images", type=int, default=0,
+                    help="train DiTi and PDAE for this many images each instead of the plan's (a longer "
+                         "supplementary run: give it its own --work and --results)")
     args = ap.parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else argv
 
@@ -56,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from .attribution import finite_tree
     from .reading import plot_fine_vs_coarse, plot_losses, plot_onset_curves, reading, write_markdown
 
+    git = git_state()  # what runs: read before any work (the tree may change while the run goes on)
     plan = PLANS["smoke" if args.smoke else "full"]
+    if args.diti_images:
+        plan = dataclasses.replace(plan, name=f"{plan.name}, diti_images={args.diti_images}",
+                                   diti_images=args.diti_images)
     work = args.work or Path("runs") / ("claim-smoke" if args.smoke else "claim")
     results = args.results or (work / "results" if args.smoke else REPO / "benchmarks" / "results" / "claim")
     if args.fresh:
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.timings["total"] = round(time.perf_counter() - t0, 2)
     cmd = "python -m diti_fast.claim " + " ".join(shlex.quote(a) for a in argv_used)
     result = {
-        "command": cmd.strip(), "via_make": bool(os.environ.get("CLAIM_FROM_MAKE")), "git": git_state(),
+        "command": cmd.strip(), "via_make": bool(os.environ.get("CLAIM_FROM_MAKE")), "git": git,
         "plan": plan.to_json(),
         "machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "platform": platform.platform()},

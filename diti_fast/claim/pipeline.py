@@ -191,9 +191,16 @@ def phase_encoder(ctx: Context, name: str) -> dict:
         log(f"{name}: diti.mode={mode}, {p.diti_images} images on the frozen DDPM")
         _train(ctx, name, [f"init.ddpm={ctx.run_dir('ddpm')}", f"diti.mode={mode}",
                            f"run.max_images={p.diti_images}", f"optim.lr={p.diti_lr}"])
-    lines = (ctx.run_dir(name) / "metrics.jsonl").read_text().splitlines()
-    last = json.loads(lines[-1])
-    return {"mode": mode, "images": p.diti_images, "last_loss": last["loss"], "last_loss_t": last["loss_t"]}
+    recs = [json.loads(line) for line in (ctx.run_dir(name) / "metrics.jsonl").read_text().splitlines() if line]
+    last = recs[-1]
+    # How much the shift decoder has learnt: its output conv starts at zero, so the first records'
+    # loss is the frozen DDPM's own (weighted) error; a small drop means z is still barely used.
+    k = max(1, len(recs) // 10)
+    first_tenth = float(np.mean([r["loss"] for r in recs[:k]]))
+    last_tenth = float(np.mean([r["loss"] for r in recs[-k:]]))
+    return {"mode": mode, "images": p.diti_images, "last_loss": last["loss"], "last_loss_t": last["loss_t"],
+            "loss_first_tenth": first_tenth, "loss_last_tenth": last_tenth,
+            "loss_drop_fraction": 1.0 - last_tenth / first_tenth}
 
 
 # ----------------------------------------------------------------------------------------- attribution

@@ -129,6 +129,14 @@ def reading(result: dict) -> list[str]:
                       "noise level that destroys them — an order found below comes from what the trained networks "
                       "make of scale, not from information theory." if overlap else
                       ": fine factors are destroyed by less noise, as the claim presupposes."))
+    enc = result.get("encoders", {})
+    if all("loss_drop_fraction" in enc.get(n, {}) for n in ("diti", "pdae")):
+        drops = {n: enc[n]["loss_drop_fraction"] for n in ("diti", "pdae")}
+        out.append(f"Training: over {enc['diti']['images']} images the weighted loss fell by "
+                   f"{100 * drops['diti']:.1f}% (DiTi) and {100 * drops['pdae']:.1f}% (PDAE) from its first tenth "
+                   "(the frozen DDPM's own error: the shift decoder's output starts at zero) to its last tenth"
+                   + ("; the decoders use z little so far, so what follows describes early training." if
+                      max(drops.values()) < 0.1 else "."))
     for name in ("diti", "pdae"):
         fc = result["attribution"][name].get("fine_vs_coarse")
         if not fc:

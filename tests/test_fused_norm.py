@@ -273,9 +273,14 @@ def test_large_offset(request, path):
     exact = cast({k: v.detach().float().double() for k, v in inp.items()}, torch.float64, "cpu")
     ref_y, ref_g = fwd_bwd(adaptive_group_norm_ref, exact, G)
     y, gr = fwd_bwd(triton, inp, G)
-    assert_close64(y, ref_y, rtol=1e-4, atol_rel=1e-4, what="y")
+    # the bounds of the ordinary fp32 tests (docs/kernels.md quotes them)
+    assert_close64(y, ref_y, what="y")
     for k in ref_g:
-        assert_close64(gr[k], ref_g[k], rtol=1e-3, atol_rel=1e-3, what=f"d{k}")
+        assert_close64(gr[k], ref_g[k], rtol=1e-4, atol_rel=1e-4, what=f"d{k}")
+    # ... where PyTorch's own fp32 GroupNorm on the CPU (E[x²] − E[x]²) misses by far more
+    x = inp["x"].detach().cpu()
+    torch_err = (F.group_norm(x, G, eps=1e-5).double() - F.group_norm(x.double(), G, eps=1e-5)).abs().max().item()
+    assert torch_err > 1e-3, torch_err
 
 
 def test_gradcheck_fp64():

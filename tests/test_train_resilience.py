@@ -81,8 +81,8 @@ def _config_file(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
 
 
 def torchrun(config: Path, *overrides: str, nproc: int = 2, extra=()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *extra,
+    # --standalone: torchrun picks its rendezvous port itself and hands it to the ranks
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *extra,
             SCRIPT, "--config", str(config), *overrides]
 
 

@@ -140,6 +140,8 @@ def _load(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigterm_to_the_deepspeed_launcher_stops_all_ranks_at_one_step_and_resume_is_bit_identical(tmp_path):
+    """Slow (3 launches of 2 ranks). Only this test signals DeepSpeed's launcher, whose SIGTERM
+    reaches DataLoader workers too, and resumes 2 ranks bit for bit (ZeRO-2 partitions, RNG, data)."""
     # DeepSpeed's per-node launcher sends SIGTERM to its whole process tree (rank 0's first, then
     # rank 1's), DataLoader workers included — what SLURM does too. Shards with a worker per rank,
     # ZeRO-2, dropout: the resume must restore weights, EMA, partitioned Adam state, per-rank RNG
@@ -368,6 +370,8 @@ def two_node_agents(config: Path, *overrides: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_elastic_resume_1_rank_to_2_nodes_stopped_by_sigterm_to_torchrun_to_1_rank(tmp_path):
+    """Slow (2 torchrun agents). Only this test changes the number of ranks and the ZeRO stage across
+    resumes (elastic), with a 2-node c10d rendezvous and a signal to one node only."""
     # 1 rank ZeRO-0 (steps 1-2) -> 2 nodes x 1 rank ZeRO-2, SIGTERM to node 0's torchrun only (node
     # 1's rank stops at the same step through the agreement) -> 1 rank ZeRO-1 to step 8; against
     # one uninterrupted process: parameters within 1e-5, every global sample index trained once.

@@ -318,6 +318,8 @@ def _with_ddpm(base, ddpm_export):
 
 @pytest.mark.parametrize("switch", list(SWITCHES))
 def test_speed_switches_train_like_the_plain_fp32_run(switch, tmp_path, ddpm_export, plain_runs, monkeypatch):
+    """``compile`` is slow (a cold Inductor compile, ~50 s on 2 cores): only it trains the engine under
+    torch.compile and checks Inductor compiled the step without graph breaks."""
     base, overrides, first_tol, later_tol = SWITCHES[switch]
     plain = plain_runs(base)
     launches = []

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from diti_fast.engine import noise
+from diti_fast.engine.loop import train
 from diti_fast.engine.microbatches import fixed_batch
 from diti_fast.engine.objective import Objective, load_frozen_ddpm
-from diti_fast.engine.loop import train
 from test_train_engine import tiny
 
 STEPS, BATCH, T = 4, 4, 1000

@@ -117,9 +117,25 @@ def test_the_attention_block_on_tokens_equals_the_nchw_block(backend, new_order)
 
 
 def test_the_golden_fixture_passes_in_channels_last(fixture_path):
-    rows = run_check(fixture_path, FastConfig(channels_last=True), skip_ddim=True)
+    # Every 3x3 convolution the checker runs, with the layout of its input and weight: the check
+    # must really have run the models in channels_last (not silently in NCHW).
+    seen = []
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3):
+            x = args[0]
+            seen.append((x.is_contiguous(memory_format=CL) and not x.is_contiguous(),
+                         module.weight.is_contiguous(memory_format=CL) and not module.weight.is_contiguous(),
+                         output.is_contiguous(memory_format=CL)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        rows = run_check(fixture_path, FastConfig(channels_last=True), skip_ddim=True)
+    finally:
+        handle.remove()
     bad = [r.name for r in rows if not r.ok]
     assert not bad and len(rows) > 20, bad
+    assert len(seen) > 20 and all(all(s) for s in seen), [i for i, s in enumerate(seen) if not all(s)][:10]
 
 
 def test_channels_last_auto_means_cuda_only():

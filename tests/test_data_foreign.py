@@ -108,8 +108,25 @@ def test_cls_labels_are_one_categorical_attribute(foreign):
     assert labels == {f"c{i:04d}": i % 4 for i in range(20)}
 
 
-def test_trains_and_probes_end_to_end(foreign, tmp_path, capsys):
+def _average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean of the precision at each positive, ranked by score (no ties in float scores here)."""
+    order = np.argsort(-scores, kind="stable")
+    hits = labels[order] > 0
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def test_trains_and_probes_end_to_end(foreign, tmp_path, capsys, monkeypatch):
+    from diti_fast.eval import probe as probe_mod
     from diti_fast.eval.commands import main as eval_main
+    seen = {}
+    real = probe_mod.train_probe
+
+    def spy(train_set, val_set, test_set, specs, cfg):
+        seen["test"] = test_set
+        seen["result"] = real(train_set, val_set, test_set, specs, cfg)
+        return seen["result"]
+    monkeypatch.setattr(probe_mod, "train_probe", spy)
 
     pattern = str(foreign / "json-{000000..000002}.tar")
     ddpm = train(tiny_config(tmp_path / "ddpm", "stage=ddpm", f"data.shards={pattern}", "data.image_size=32",
@@ -121,12 +138,27 @@ def test_trains_and_probes_end_to_end(foreign, tmp_path, capsys):
     rows = metrics(tmp_path / "diti")
     assert all(np.isfinite(r["loss"]) for r in rows) and sum(rows[-1]["data_skipped"].values()) == 0
     out = tmp_path / "probe.json"
-    assert eval_main(["probe", "--run", str(tmp_path / "diti"), "--data", pattern, "--epochs", "2",
-                      "--device", "cpu", "--out", str(out)]) == 0
+    # The whole set as the test split too (its own 10 % would be 3 samples): every metric below is then
+    # computed over 36 samples, 12 of each shape and 18 big ones.
+    assert eval_main(["probe", "--run", str(tmp_path / "diti"), "--data", pattern, "--test-data", pattern,
+                      "--epochs", "2", "--device", "cpu", "--out", str(out)]) == 0
     probe = json.loads(out.read_text())
     assert [a["name"] for a in probe["test"]] == ["shape", "big", "brightness"]
-    assert probe["test"][0]["kind"] == "categorical" and 0 <= probe["test"][0]["accuracy"] <= 1
-    assert np.isfinite(probe["test"][2]["pearson_r"])
+    shape, big, bright = probe["test"]
+    assert (shape["kind"], big["kind"], bright["kind"]) == ("categorical", "binary", "continuous")
+    # The reported test metrics against the probe's own test outputs (columns: 3 shape logits, the
+    # big logit, brightness), recomputed here from their definitions.
+    y = seen["test"][1]
+    scores = seen["result"].test_scores
+    n = probe["n_test"]
+    assert n == len(y) == len(scores) == 36
+    # the labels are the shards' (brightness = shape / 2 and big in {0, 1} by construction)
+    assert np.array_equal(y[:, 2], y[:, 0] * 0.5) and set(np.unique(y[:, 1])) <= {0.0, 1.0}
+    cls = y[:, 0].astype(int)
+    assert shape["accuracy"] == pytest.approx(np.mean(scores[:, 0:3].argmax(1) == cls), abs=1e-12)
+    assert shape["majority_rate"] == pytest.approx(np.bincount(cls, minlength=3).max() / n, abs=1e-12)
+    assert big["ap"] == pytest.approx(_average_precision(y[:, 1], scores[:, 3]), abs=1e-9)
+    assert bright["pearson_r"] == pytest.approx(np.corrcoef(scores[:, 4], y[:, 2])[0, 1], abs=1e-6)
 
 
 def test_size_mismatch_error_is_a_config_error_before_work(foreign, tmp_path):

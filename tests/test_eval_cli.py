@@ -1,6 +1,7 @@
 """End to end on a tiny random-weight run: the CLI commands, the report, and clean errors for run
 directories with missing or incompatible weights."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -124,7 +125,18 @@ def test_counterfactual_grid_png(env, tmp_path, capsys):
     assert img.size[0] > 3 * cell + 4 * pad
 
 
-def test_interpolate_reconstruct_and_sample(env, tmp_path):
+def test_interpolate_reconstruct_and_sample(env, tmp_path, monkeypatch):
+    """The commands write PNG grids of what the method says they show: an interpolation's ends are A's
+    and B's reconstructions (α = 0: A's z and x_T; α = 1: B's), the reconstruction metrics are those of
+    the drawn images, and sampling is seeded."""
+    from diti_fast.eval import grids
+    shown = {}
+    real_save = grids.save_grid
+
+    def spy(path, images, *args, **kwargs):  # the image tensors each command draws, by output name
+        shown[Path(path).stem] = images.detach().clone()
+        return real_save(path, images, *args, **kwargs)
+    monkeypatch.setattr(grids, "save_grid", spy)
     main(["counterfactual", "--run", str(env / "run"), "--data", str(env / "shards"), "--loc", "4", "--width", "8",
           "--fixed-noise", "--no-mirror", "--steps", "2", "--invert-steps", "2", "--out", str(tmp_path / "f.png")])
     main(["interpolate", "--run", str(env / "run"), "--data", str(env / "shards"), "--num", "3", "--steps", "2",
@@ -135,6 +147,23 @@ def test_interpolate_reconstruct_and_sample(env, tmp_path):
     main(["sample", "--run", str(env / "run"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s2.png")])
     for name in ("f", "i", "r", "s", "s2"):
         assert Image.open(tmp_path / f"{name}.png").format == "PNG"
+    interp, recon = shown["i"], shown["r"]
+    assert interp.shape[:2] == (1, 3) and recon.shape[:2] == (3, 2)  # α = 0, 0.5, 1; input/recon/fresh x #0, #1
+    # the interpolation (pair 0,1, all chunks) at α = 0 and 1 against reconstruct's images 0 and 1; the
+    # decodes run in batches of other sizes, hence float32 rounding and not bit equality
+    torch.testing.assert_close(interp[0, 0], recon[1, 0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(interp[0, 2], recon[1, 1], rtol=0, atol=1e-4)
+    assert (interp[0, 1] - interp[0, 0]).abs().max() > 1e-3  # the middle is neither end
+    # r.json: per-image MSE in [0, 1] units of the drawn reconstruction against the drawn input
+    q = json.loads((tmp_path / "r.json").read_text())
+    mse01 = (((recon[1].clamp(-1, 1) - recon[0].clamp(-1, 1)) / 2) ** 2).flatten(1).mean(1)
+    assert q["indices"] == [0, 1] and q["mse_01"] == pytest.approx(mse01.tolist(), rel=1e-5)
+    # 3 DDPM samples in a 2 x 2 grid, the fourth cell blank (white); the same seed, the same samples
+    s = shown["s"]
+    assert s.shape[:2] == (2, 2) and bool((s[1, 1] == 1).all()) and not bool((s[0, 0] == s[0, 1]).all())
+    main(["sample", "--run", str(env / "ddpm"), "--num", "3", "--steps", "2", "--out", str(tmp_path / "s3.png")])
+    assert torch.equal(shown["s3"], s)
+    assert shown["s2"].shape[:2] == (1, 2)
 
 
 def test_report_on_random_weights(env):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from data_shards import synthetic
 from diti_fast.eval import manipulate as M
 from diti_fast.eval.commands import main
 from diti_fast.eval.features import EvalError
 from diti_fast.weights import export_path
 
-synthetic = pytest.importorskip("data_shards.synthetic")
 FIXTURE = Path(__file__).parent / "fixtures" / "manip_tiny"
 
 

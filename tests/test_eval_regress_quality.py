@@ -60,7 +60,6 @@ def test_reconstruction_quality_closed_forms():
 
 def test_regress_and_reconstruct_commands(tmp_path):
     """Through the CLI on a tiny random export: regress writes every epoch, reconstruct writes the metrics."""
-    pytest.importorskip("data_shards.synthetic")
     from data_shards.synthetic import make_synthetic_shards
     from diti_fast.config import EncoderConfig, MaskConfig, ModelConfig, UNetConfig
     from diti_fast.eval.commands import main

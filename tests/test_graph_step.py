@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diti_fast.engine.graph_step import capture_blocker, plan_step
+from diti_fast.engine import graph_step
+from diti_fast.engine.graph_step import StepPlan, capture_blocker, plan_step
 from diti_fast.engine.loop import train
 from diti_fast.engine.run_config import apply_overrides, build_config
 from test_train_engine import TINY as ENGINE_TINY
@@ -68,13 +69,20 @@ def _assert_equal(a, b, where="state"):
     ["stage=ddpm", "ema.every=1"],
     ["stage=ddpm", "deepspeed.grad_accum=2", "ema.every=2", "fast.channels_last=true"],
 ], ids=["ddpm", "ddpm-accum2-ema-every2-channels-last"])
-def test_the_graph_safe_step_equals_deepspeeds_step_bit_for_bit(tmp_path, extra, capsys):
+def test_the_graph_safe_step_equals_deepspeeds_step_bit_for_bit(tmp_path, extra, capsys, monkeypatch):
     # 6 steps with a NaN at step 3: the skip, the EMA warm-up and the device counters all act.
     common = ["run.device=cpu", "run.max_images=24", "debug.nan_at_steps=[3]", *extra]
+    # Count the graph-safe step's bodies: the comparison is only meaningful if the second run really
+    # trained through GraphStep (uncaptured) and the first did not.
+    bodies = []
+    body = graph_step.GraphStep._body
+    monkeypatch.setattr(graph_step.GraphStep, "_body", lambda self: (bodies.append(self.capture), body(self))[1])
     train(_cfg(tmp_path / "ds", "fast.cuda_graph=false", *common))
+    assert bodies == []
     ds = _final_state(tmp_path / "ds")
     train(_cfg(tmp_path / "gs", "fast.cuda_graph=true", *common))
     assert "the graph-safe step runs uncaptured" in capsys.readouterr().out
+    assert bodies == [False] * 6  # one uncaptured graph-safe step per optimiser step
     gs = _final_state(tmp_path / "gs")
     _assert_equal(gs, ds)
     # the NaN step was skipped: 5 Adam updates in 6 steps, its loss logged as missing
@@ -94,8 +102,10 @@ def test_plan_names_why_a_step_is_not_captured():
     assert not p.graph_safe and "running DeepSpeed's step" in p.reason and "\n" not in p.reason
     assert plan_step(base, cuda).capture
     assert not plan_step(base, cpu).graph_safe  # auto on a CPU: DeepSpeed's step, nothing to report
-    assert plan_step(_cfg(Path("unused"), "fast.cuda_graph=true"), cpu) == plan_step(
-        _cfg(Path("unused"), "fast.cuda_graph=true"), cpu)
+    # true on a CPU: the graph-safe step, uncaptured, and a line saying so
+    assert plan_step(_cfg(Path("unused"), "fast.cuda_graph=true"), cpu) == StepPlan(
+        graph_safe=True, capture=False,
+        reason="fast.cuda_graph=true without CUDA: the graph-safe step runs uncaptured")
     assert not plan_step(_cfg(Path("unused"), "fast.cuda_graph=false"), cuda).graph_safe
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from data_shards import synthetic
 from diti_fast.config import ConfigError, to_dict
 from diti_fast.engine.objective import check_init_ddpm
 from diti_fast.engine.run_config import load_config
@@ -17,7 +18,6 @@ from diti_fast.nn import build_decoder, build_encoder, build_unet
 from diti_fast.weights import (CheckpointError, export_path, load_original_run, load_weights, save_export,
                                strip_compile_prefix)
 
-synthetic = pytest.importorskip("data_shards.synthetic")
 
 TINY = {"extends": "shapes32",
         "model": {"unet": {"channel_multiplier": [1, 2], "attention_resolutions": [2], "latent_dim": 64},

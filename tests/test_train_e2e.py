@@ -44,6 +44,9 @@ def _console_script() -> str:
 
 @pytest.mark.slow
 def test_ddpm_then_diti_on_synthetic_shards_then_report(tmp_path):
+    """Slow (several fresh processes). Only this test runs the user's commands as installed: the
+    data CLI, the train script as a file, a crash (exit 99) and resume, the ``diti-fast`` console
+    script and ``eval report``, one after the other on the same files."""
     import torch
     shards = tmp_path / "data"
     made = _run([sys.executable, "-m", "data_shards", "make", "--source", "synthetic", "--num", "64",

@@ -118,6 +118,103 @@ def test_a_run_of_nonfinite_losses_stops_keeping_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "export").exists()
 
 
+# ----------------------------------------------------------------------------- exit status, stops, refusals
+
+DDPM16 = ["stage=ddpm", "data.image_size=16"]
+
+
+def _main(tmp_path: Path, run_dir: Path, *overrides: str) -> int:
+    """The command line's entry point (what diti_fast/train.py exits with), on a YAML of TINY."""
+    import yaml
+    from diti_fast.engine.loop import main
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "preset": "tiny"}))
+    return main(["--config", str(config), f"run.dir={run_dir}", *overrides])
+
+
+def _status(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "status.json").read_text())
+
+
+def test_a_signal_stops_with_exit_status_75_after_a_checkpoint_and_the_same_command_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    # SIGTERM to itself after step 2 of 10
+    assert _main(tmp_path, run, *DDPM16, "run.max_images=40", "debug.signal_at_step=2") == 75
+    st = _status(run)
+    assert (st["status"], st["reason"], st["step"], st["exit_code"]) == ("stopped", "signal", 2, 75)
+    assert [s for s, _ in ckpt.checkpoint_dirs(run / "checkpoints")] == [2]
+    assert not (run / "export").exists()  # a signal's grace period is short: no export
+    assert "signal received" in capsys.readouterr().out
+    assert _main(tmp_path, run, *DDPM16, "run.max_images=40") == 0
+    assert (_status(run)["status"], _status(run)["exit_code"]) == ("done", 0)
+    assert [m["step"] for m in metrics(run)] == list(range(1, 11))
+
+
+def test_the_nonfinite_guard_exits_with_status_3(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = _main(tmp_path, run, *DDPM16, "run.max_images=40", "debug.nan_at_steps=[2,3,4]",
+               "guard.max_consecutive_nonfinite=2")
+    assert rc == 3
+    assert "guard.max_consecutive_nonfinite=2" in capsys.readouterr().err
+    assert _status(run)["status"] == "failed" and _steps_logged(run) == 3
+
+
+class _FakeClock:
+    """time.monotonic for the loop and its stop check, advanced only by the loop's debug sleep, so a
+    run's wall clock is exactly ``steps x debug.step_sleep_s`` whatever the machine's load."""
+
+    def __init__(self, monkeypatch):
+        import time as real
+        from diti_fast.engine import loop, stopping
+        self.now = 1000.0
+        fake = type("FakeTime", (), {})()
+        for name in ("perf_counter", "time", "strftime", "localtime"):
+            setattr(fake, name, getattr(real, name))
+        fake.monotonic = lambda: self.now
+        fake.sleep = self.sleep
+        monkeypatch.setattr(loop, "time", fake)
+        monkeypatch.setattr(stopping, "time", fake)
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_time_limit_is_in_minutes_and_stops_with_status_75_checkpoint_and_export(tmp_path, monkeypatch):
+    _FakeClock(monkeypatch)
+    run = tmp_path / "run"
+    # 0.5 minutes = 30 s at 7 s per step: past the limit after step 5 (35 s), of 10
+    assert _main(tmp_path, run, *DDPM16, "run.max_images=40", "run.time_limit_minutes=0.5",
+                 "debug.step_sleep_s=7") == 75
+    st = _status(run)
+    assert (st["status"], st["reason"], st["step"], st["exit_code"]) == ("stopped", "time_limit", 5, 75)
+    assert [s for s, _ in ckpt.checkpoint_dirs(run / "checkpoints")] == [5]
+    assert (run / "export" / "ema.safetensors").is_file()  # a time limit also exports
+    # resumed with a limit that is not reached: to the end
+    assert _main(tmp_path, run, *DDPM16, "run.max_images=40", "run.time_limit_minutes=10",
+                 "debug.step_sleep_s=7") == 0
+    assert _status(run)["status"] == "done" and _steps_logged(run) == 10
+
+
+def test_resume_false_over_existing_checkpoints_is_refused_and_touches_nothing(tmp_path, capsys):
+    from diti_fast.config import ConfigError
+    run = tmp_path / "run"
+    assert train(tiny(run, *DDPM16, "run.max_images=8", "checkpoint.every=1")).step == 2
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "status.json"}
+    with pytest.raises(ConfigError, match="already holds checkpoints .*checkpoint.resume=false"):
+        train(tiny(run, *DDPM16, "run.max_images=16", "checkpoint.resume=false"))
+    capsys.readouterr()
+    assert _main(tmp_path, run, *DDPM16, "run.max_images=16", "checkpoint.resume=false") == 2
+    assert "checkpoint.resume=false" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "status.json"}
+    assert after == before  # no checkpoint, metric, config or export written or removed
+    # the same command with resume on continues the run
+    assert train(tiny(run, *DDPM16, "run.max_images=16")).step == 4
+
+
+def _steps_logged(run_dir: Path) -> int:
+    return max((m["step"] for m in metrics(run_dir)), default=0)
+
+
 def test_a_frozen_ddpm_of_another_architecture_is_refused_before_any_work(tmp_path, ddpm_export):
     from diti_fast.config import ConfigError
     cfg = tiny(tmp_path, f"init.ddpm={ddpm_export.parent.parent}", "model.unet.channel_multiplier=[1,2,2]")
@@ -221,6 +318,8 @@ def _with_ddpm(base, ddpm_export):
 
 @pytest.mark.parametrize("switch", list(SWITCHES))
 def test_speed_switches_train_like_the_plain_fp32_run(switch, tmp_path, ddpm_export, plain_runs, monkeypatch):
+    """``compile`` is slow (a cold Inductor compile, ~50 s on 2 cores): only it trains the engine under
+    torch.compile and checks Inductor compiled the step without graph breaks."""
     base, overrides, first_tol, later_tol = SWITCHES[switch]
     plain = plain_runs(base)
     launches = []

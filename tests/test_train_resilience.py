@@ -53,9 +53,19 @@ def tiny(run_dir: Path, *overrides: str):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port held for the child: a connection to it is closed from the listening side first, which
+    leaves the port in TIME_WAIT for about a minute. Meanwhile the kernel hands it to no one else
+    (no ephemeral bind, no plain bind), but a listener that sets SO_REUSEADDR, as c10d's TCPStore
+    does (torchrun's rendezvous, rank 0's store), binds it at once."""
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            conn, _ = srv.accept()
+            conn.close()  # the accepting side closes first: TIME_WAIT on the listening port
+    return port
 
 
 def _env() -> dict:
@@ -71,8 +81,8 @@ def _config_file(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
 
 
 def torchrun(config: Path, *overrides: str, nproc: int = 2, extra=()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *extra,
+    # --standalone: torchrun picks its rendezvous port itself and hands it to the ranks
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *extra,
             SCRIPT, "--config", str(config), *overrides]
 
 
@@ -130,6 +140,8 @@ def _load(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigterm_to_the_deepspeed_launcher_stops_all_ranks_at_one_step_and_resume_is_bit_identical(tmp_path):
+    """Slow (3 launches of 2 ranks). Only this test signals DeepSpeed's launcher, whose SIGTERM
+    reaches DataLoader workers too, and resumes 2 ranks bit for bit (ZeRO-2 partitions, RNG, data)."""
     # DeepSpeed's per-node launcher sends SIGTERM to its whole process tree (rank 0's first, then
     # rank 1's), DataLoader workers included — what SLURM does too. Shards with a worker per rank,
     # ZeRO-2, dropout: the resume must restore weights, EMA, partitioned Adam state, per-rank RNG
@@ -144,11 +156,15 @@ def test_sigterm_to_the_deepspeed_launcher_stops_all_ranks_at_one_step_and_resum
     full, cut = tmp_path / "full", tmp_path / "cut"
     # The uninterrupted reference and the interrupted run side by side (the latter mostly sleeps).
     ref = start(torchrun(config, f"run.dir={full}"), tmp_path, "full")
-    proc, log = start(deepspeed_launch(config, f"run.dir={cut}", "debug.step_sleep_s=0.5"), tmp_path, "cut")
+    # The run waits after step 3 for the signal, which is sent once step 3 is logged: it stops at 3.
+    proc, log = start(deepspeed_launch(config, f"run.dir={cut}", "debug.hold_after_step=3"), tmp_path, "cut")
     sigterm_after(cut, 3, proc)
     rc, out = finish(proc, log)
     step = assert_stopped_at_one_step(cut, out, before=[], total=16)
+    assert step == 3, out[-3000:]
     assert "DataLoader worker" not in out and "Main process received SIGTERM" in out, out[-4000:]
+    # The launcher's own status after a SIGTERM it received is 1 (the ranks' 75 is in status.json).
+    assert rc == 1, out[-3000:]
     rc, ref_out = finish(*ref)
     assert rc == 0, ref_out[-4000:]
 
@@ -169,6 +185,7 @@ def assert_stopped_at_one_step(run_dir: Path, out: str, before: list[int], total
     step; no rank trained past it."""
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "stopped" and status["reason"] == "signal", (status, out[-4000:])
+    assert status["exit_code"] == 75, status
     step = status["step"]
     assert before[-1:] < [step] and step < total, out[-3000:]
     assert [s for s, _ in ckpt.checkpoint_dirs(run_dir / "checkpoints")] == before + [step], out[-3000:]
@@ -330,6 +347,19 @@ ELASTIC = apply_overrides(TINY, ["model.unet.base_channel=64", "deepspeed.grad_a
 # rounding noise of identically-zero bias gradients, and runs summing in another order drift by ~lr).
 
 
+def test_a_held_port_refuses_other_binds_and_takes_a_tcpstore():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    port = _free_port()
+    with socket.socket() as other:
+        with pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))   # nobody else gets it meanwhile
+    store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=timedelta(seconds=30))  # the child's listener
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+
+
 def two_node_agents(config: Path, *overrides: str) -> list[list[str]]:
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1."""
     endpoint = f"127.0.0.1:{_free_port()}"
@@ -340,6 +370,8 @@ def two_node_agents(config: Path, *overrides: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_elastic_resume_1_rank_to_2_nodes_stopped_by_sigterm_to_torchrun_to_1_rank(tmp_path):
+    """Slow (2 torchrun agents). Only this test changes the number of ranks and the ZeRO stage across
+    resumes (elastic), with a 2-node c10d rendezvous and a signal to one node only."""
     # 1 rank ZeRO-0 (steps 1-2) -> 2 nodes x 1 rank ZeRO-2, SIGTERM to node 0's torchrun only (node
     # 1's rank stops at the same step through the agreement) -> 1 rank ZeRO-1 to step 8; against
     # one uninterrupted process: parameters within 1e-5, every global sample index trained once.
@@ -350,13 +382,14 @@ def test_elastic_resume_1_rank_to_2_nodes_stopped_by_sigterm_to_torchrun_to_1_ra
     config = _config_file(tmp_path, ELASTIC)
     agents = [start(cmd, tmp_path, f"node{n}") for n, cmd in enumerate(
         two_node_agents(config, f"run.dir={run_dir}", "run.max_images=64", "deepspeed.zero_stage=2",
-                        "debug.step_sleep_s=0.7"))]
-    sigterm_after(run_dir, 3, agents[0][0])
+                        "debug.hold_after_step=3"))]
+    sigterm_after(run_dir, 3, agents[0][0])   # both ranks wait after step 3 until it arrives
     # The uninterrupted reference in this process meanwhile.
     train(build_config(apply_overrides(ELASTIC, [f"run.dir={ref}", "run.max_images=64"]), "test"))
     out = "".join(finish(*agent)[1] for agent in agents)
     assert "ranks=2" in out and "resumed from" in out and "zero=2" in out, out[-3000:]
     step = assert_stopped_at_one_step(run_dir, out, before=[2], total=8)
+    assert step == 3, out[-3000:]
     meta = json.loads((run_dir / f"checkpoints/step-{step:08d}/meta.json").read_text())
     assert (meta["world_size"], meta["zero_stage"]) == (2, 2)
 
@@ -374,4 +407,8 @@ def test_elastic_resume_1_rank_to_2_nodes_stopped_by_sigterm_to_torchrun_to_1_ra
     assert set(sa) == set(sb) and {s["step"] for s in sb.values()} == {8.0}
     for k in sa:
         torch.testing.assert_close(sb[k]["exp_avg"], sa[k]["exp_avg"], rtol=0, atol=1e-5)
+        # Adam's second moment is of the order of a squared gradient: held to 1e-5 of its own scale.
+        scale = sa[k]["exp_avg_sq"].abs().max().item()
+        assert scale > 0, k
+        torch.testing.assert_close(sb[k]["exp_avg_sq"], sa[k]["exp_avg_sq"], rtol=0, atol=1e-5 * scale)
     assert sorted(read_indices(run_dir)) == list(range(8 * 8)), "a global sample index was trained twice or skipped"

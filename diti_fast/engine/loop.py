@@ -52,7 +52,7 @@ from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_d
 from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
                                          validate_runtime)
 from diti_fast.engine.sample_log import SampleLog
-from diti_fast.engine.stopping import StopSignal, stop_reason
+from diti_fast.engine.stopping import StopSignal, hold_for_signal, stop_reason
 from diti_fast.engine.visuals import Visuals
 from diti_fast.files import write_text_atomic
 from diti_fast.losses import LossOut
@@ -282,6 +282,8 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
                 os.kill(os.getpid(), signal.SIGTERM)
             if cfg.debug.step_sleep_s:
                 time.sleep(cfg.debug.step_sleep_s)
+            if cfg.debug.hold_after_step and step == cfg.debug.hold_after_step:
+                hold_for_signal(stop, world)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
                 if float(meter.consecutive) == 0:  # never checkpoint in the middle of a bad streak
                     last_ckpt = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)

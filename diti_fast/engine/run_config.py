@@ -183,6 +183,7 @@ class DebugSection:
     fail_save_rank: int = -1       # this rank's checkpoint write raises OSError(ENOSPC) (disk full)
     sample_log: bool = False       # append the global sample indices each rank trains to RUN/debug/
     step_sleep_s: float = 0.0      # sleep after every step (gives signal tests a window)
+    hold_after_step: int = 0       # after this step, wait (every rank, up to 10 min) for a stop signal
 
 
 @dataclass

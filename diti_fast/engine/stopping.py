@@ -54,3 +54,19 @@ def stop_reason(stop: StopSignal, deadline: float | None, step: int, world: int,
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=stop.group)
         flags = t.tolist()
     return "signal" if flags[0] else "time_limit" if flags[1] else None
+
+
+def hold_for_signal(stop: StopSignal, world: int, timeout_s: float = 600.0) -> None:
+    """``debug.hold_after_step``: wait until some rank has a stop signal pending, so a signal test
+    knows the step the run stops at. Every rank polls in the same collective, so all leave at the
+    same poll (a timeout on any rank also ends it for all)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        flags = [int(stop.pending is not None), int(time.monotonic() > deadline)]
+        if world > 1:
+            t = torch.tensor(flags)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=stop.group)
+            flags = t.tolist()
+        if any(flags):
+            return
+        time.sleep(0.05)

@@ -5,6 +5,7 @@
     python -m data_shards make --source folder --root ~/imgs --attrs labels.csv --size 64 --out d
     python -m data_shards make --source lmdb --root celeba64.lmdb --attrs list_attr_celeba.txt --size 64 --out d
     python -m data_shards verify data/syn
+    python -m data_shards lfw-attrs lfw_attributes.txt --out lfw_attributes.csv [--people peopleDevTrain.txt]
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify", action="store_true",
                    help="on a re-run, re-hash existing shards before keeping them (without it: size check only)")
     m.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+    lfw = sub.add_parser("lfw-attrs", help="LFW's lfw_attributes.txt -> the attribute CSV of --source folder",
+                         formatter_class=_HelpFormatter,
+                         description="Convert LFW's attribute file (tab-separated: person, imagenum, 73 "
+                                     "attributes) into the CSV that 'make --source folder --attrs' reads: paths "
+                                     "relative to lfw_funneled/, every attribute continuous.")
+    lfw.add_argument("src", type=Path, help="lfw_attributes.txt")
+    lfw.add_argument("--out", required=True, type=Path, help="the CSV to write")
+    lfw.add_argument("--people", type=Path,
+                     help="keep only the persons of an LFW people file (peopleDevTrain.txt / peopleDevTest.txt: "
+                          "the original's train/test split)")
 
     v = sub.add_parser("verify", help="check every shard of a shard set against its manifest checksums")
     v.add_argument("dir", help="a directory holding manifest.json, a manifest path or a manifest URL "
@@ -232,6 +244,12 @@ def main(argv=None) -> int:
             parser.error("--attrs is for folder sources; celeba reads list_attr_celeba.txt")
     warnings.simplefilter("always", DataWarning)
     try:
+        if args.command == "lfw-attrs":
+            from .lfw import convert
+            counts = convert(args.src, args.out, args.people)
+            print(f"{args.out}: {counts['rows']} images x {counts['attributes']} continuous attributes"
+                  + (f" ({counts['left_out']} of other persons left out)" if args.people else ""))
+            return 0
         return _make(args) if args.command == "make" else _verify(args)
     except (DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -63,7 +63,7 @@ def case_overrides(case: str, steps: int, batch: int, run_dir: Path, ddpm: Path,
     if case in ("eager", "compiled"):
         # One process, as the original's step is timed: no ZeRO partitioning, lr as given.
         return "celeba64", common + CPU_MODEL + [
-            "log.every=1", "optim.scale_lr_by_batch=false", "deepspeed.zero_stage=0",
+            "log.every=1", "optim.lr_rule=none", "deepspeed.zero_stage=0",
             "run.device=cpu", "run.precision=fp32", f"run.threads={threads}", "fast.attention=sdpa",
             "fast.fused_norm=false", "fast.fused_loss=false", f"fast.compile={case == 'compiled'}"]
     if case == "gpu_original":  # the presets as they are (ZeRO-2, lr rule), as benchmarks/gpu_check.py runs them

@@ -9,6 +9,15 @@ import pytest
 import torch
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Benchmarks are off in a plain run: --benchmark-disable is set here when pytest-benchmark is
+    installed, not in pyproject's addopts, so that pytest also runs without the dev extra (an
+    unknown addopt stops it before collecting anything). --benchmark-enable turns them on."""
+    if config.pluginmanager.hasplugin("benchmark") and not config.getoption("benchmark_enable", False):
+        config.option.benchmark_disable = True
+
+
 def measure_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20, device: str | torch.device = "cuda") -> float:
     """Median GB/s (1e9 bytes/s, read + write counted) of ``dst.copy_(src)`` on one CUDA device.
 

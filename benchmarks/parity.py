@@ -57,7 +57,7 @@ def model_overrides(image_size: int) -> tuple[str, list[str]]:
     # The original's celeba64 encoder at 64 px, with the demo's small UNet (as bench_engine.py).
     return "celeba64", ["model.unet.base_channel=32", "model.unet.channel_multiplier=[1,2,2]",
                         "model.unet.num_residual_blocks_of_a_block=1", "model.unet.attention_resolutions=[4]",
-                        "model.unet.dropout=0.1", "optim.scale_lr_by_batch=false", "optim.lr=2e-4",
+                        "model.unet.dropout=0.1", "optim.lr_rule=none", "optim.lr=2e-4",
                         # The CPU settings of shapes32: one process, eager, no Triton (interpreted on CPU).
                         "deepspeed.zero_stage=0", "fast.compile=false", "fast.fused_norm=false",
                         "fast.fused_loss=false", "ema.decay=0.999", "ema.warmup=true"]

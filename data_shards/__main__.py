@@ -3,7 +3,9 @@
     python -m data_shards make --source synthetic --num 10000 --image-size 32 --out data/syn
     python -m data_shards make --source celeba --root ~/celeba --size 64 --out data/celeba64
     python -m data_shards make --source folder --root ~/imgs --attrs labels.csv --size 64 --out d
+    python -m data_shards make --source lmdb --root celeba64.lmdb --attrs list_attr_celeba.txt --size 64 --out d
     python -m data_shards verify data/syn
+    python -m data_shards lfw-attrs lfw_attributes.txt --out lfw_attributes.csv [--people peopleDevTrain.txt]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from diti_fast.data.manifest import IMAGE_FORMATS, read_manifest
 from .celeba import SPLITS
 from .images import RESAMPLE
 
-SOURCES = ("synthetic", "folder", "ffhq", "lsun", "celeba")
+SOURCES = ("synthetic", "folder", "ffhq", "lsun", "celeba", "lmdb")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -64,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--source", required=True, choices=SOURCES,
                    help="synthetic: the embedded generated dataset with known factors; folder: any image tree "
                         "(recursive), optionally with --attrs; ffhq, lsun: aliases of folder for those datasets "
-                        "exported as image folders; celeba: CelebA's official aligned layout (one shard set per split)")
+                        "exported as image folders; celeba: CelebA's official aligned layout (one shard set per split); "
+                        "lmdb: the original DiTi/PDAE code's LMDB datasets (Diff-AE's preparation scripts; see --layout)")
     m.add_argument("--out", required=True, type=Path,
                    help="output directory (created if missing; must be empty or an earlier output of this tool). "
-                        "For celeba, each split goes to OUT/<split>/")
+                        "For celeba and lmdb's celeba64 layout, each split goes to OUT/<split>/")
     m.add_argument("--size", "--image-size", dest="size", type=_at_least(8), default=None,
                    help="training resolution: images are stored as SIZE×SIZE (default 32 for synthetic, 64 otherwise)")
     m.add_argument("--maxcount", type=_at_least(1), default=2000,
@@ -79,11 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1, help="parallel writer processes")
     m.add_argument("--prefix", default="shard", help="shard file names are PREFIX-000000.tar, ...")
     m.add_argument("--root", type=Path, help="input directory (folder/ffhq/lsun: the image tree; "
-                                              "celeba: the folder holding img_align_celeba/ and the list files)")
+                                              "celeba: the folder holding img_align_celeba/ and the list files; "
+                                              "lmdb: the LMDB environment, a directory holding data.mdb)")
     m.add_argument("--attrs", type=Path,
                    help="folder: CSV of per-image attributes: header row, first column the image path relative to "
                         "--root, one column per attribute (kinds inferred or given as name:binary, "
-                        "name:categorical, name:continuous); when given, its rows define the sample set")
+                        "name:categorical, name:continuous); when given, its rows define the sample set. "
+                        "lmdb: a file in list_attr_celeba.txt's format whose i-th row belongs to LMDB index i")
+    m.add_argument("--layout", choices=("auto", "ffhq", "bedroom", "celeba64"), default="auto",
+                   help="lmdb: key layout: ffhq = '256-00042' (5 digits), bedroom = '256-0000042' (7 digits), "
+                        "celeba64 = 'None-0000042' (all CelebA splits in one LMDB, cropped like --source celeba); "
+                        "auto: from the keys present")
+    m.add_argument("--split-sizes", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
+                   help="lmdb celeba64: images in train,valid,test, which set each split's offset "
+                        "(default CelebA's 162770,19867,19963)")
     m.add_argument("--crop", choices=("center", "none", "resize-center"), default="center",
                    help="folder: 'center' crops non-square images to their central square before resizing; "
                         "'none' resizes (squashes) the whole image; 'resize-center' resizes the shorter side "
@@ -91,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "preprocessing: Resize(70) then CenterCrop(64))")
     m.add_argument("--resample", choices=sorted(RESAMPLE), default=None,
                    help="PIL resampling filter for resizing (PIL antialiases when shrinking). Default: bilinear "
-                        "for celeba (torchvision's Resize on PIL images, as the original), bicubic otherwise")
+                        "for celeba and lmdb (torchvision's Resize on PIL images, as the original), bicubic otherwise")
     m.add_argument("--split", default="all",
                    help=f"celeba: comma-separated splits to write, from {', '.join(SPLITS)}, or 'all'")
     m.add_argument("--num", type=_at_least(1), default=10000, help="synthetic: number of images")
@@ -107,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a re-run, re-hash existing shards before keeping them (without it: size check only)")
     m.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
 
+    lfw = sub.add_parser("lfw-attrs", help="LFW's lfw_attributes.txt -> the attribute CSV of --source folder",
+                         formatter_class=_HelpFormatter,
+                         description="Convert LFW's attribute file (tab-separated: person, imagenum, 73 "
+                                     "attributes) into the CSV that 'make --source folder --attrs' reads: paths "
+                                     "relative to lfw_funneled/, every attribute continuous.")
+    lfw.add_argument("src", type=Path, help="lfw_attributes.txt")
+    lfw.add_argument("--out", required=True, type=Path, help="the CSV to write")
+    lfw.add_argument("--people", type=Path,
+                     help="keep only the persons of an LFW people file (peopleDevTrain.txt / peopleDevTest.txt: "
+                          "the original's train/test split)")
+
     v = sub.add_parser("verify", help="check every shard of a shard set against its manifest checksums")
     v.add_argument("dir", help="a directory holding manifest.json, a manifest path or a manifest URL "
                                 "(http(s)://…/manifest.json); shards are read as the loader reads them")
@@ -120,7 +143,7 @@ def _make(args) -> int:
 
     size = args.size or (32 if args.source == "synthetic" else 64)
     if args.resample is None:
-        args.resample = "bilinear" if args.source == "celeba" else "bicubic"
+        args.resample = "bilinear" if args.source in ("celeba", "lmdb") else "bicubic"
     common = dict(image_format=args.format, quality=args.quality, maxcount=args.maxcount, workers=args.workers,
                   prefix=args.prefix, progress=not args.no_progress, verify=args.verify)
     if args.source == "synthetic":
@@ -145,6 +168,28 @@ def _make(args) -> int:
             )
             _report(args.out / split, manifest)
         return 0
+    if args.source == "lmdb":
+        from .lmdbsrc import plan_lmdb
+        from .writer import check_out_dir
+
+        by_split, attributes, render, config = plan_lmdb(
+            args.root, image_size=size, layout=args.layout, attrs=args.attrs, split_sizes=args.split_sizes,
+            resample=args.resample)
+        if None in by_split:  # one shard set
+            manifest = write_shards(args.out, items=order(by_split[None]), render=render, attributes=attributes,
+                                    image_size=size, source="lmdb", config=dict(config, **shuffle_cfg), **common)
+            _report(args.out, manifest)
+            return 0
+        splits = SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))
+        check_out_dir(args.out, args.prefix, allowed_dirs=SPLITS)
+        for split in splits:
+            manifest = write_shards(
+                args.out / split, items=order(by_split[split]), render=render, attributes=attributes,
+                image_size=size, source="lmdb", split=split, config=dict(config, split=split, **shuffle_cfg),
+                **common,
+            )
+            _report(args.out / split, manifest)
+        return 0
     items, attributes, render, config, notes = plan_folder(
         args.root, args.attrs, image_size=size, crop=args.crop, resample=args.resample, strict=args.strict
     )
@@ -161,6 +206,11 @@ def _report(out: Path, manifest: dict) -> None:
     print(f"{out}: {manifest['num_samples']} samples, {len(manifest['shards'])} shards, "
           f"{manifest['image_size']}px {manifest['image_format']}, {len(manifest['attributes'])} attributes, "
           f"{total / 2**20:.1f} MiB")
+    skipped = manifest.get("num_skipped_sources", 0)
+    if skipped:
+        names = ", ".join(f"{s['src']} ({s['reason']})" for s in manifest["skipped_sources"][:5])
+        print(f"{out}: skipped {skipped} source image(s), listed in manifest.json 'skipped_sources': {names}"
+              + (" ..." if skipped > 5 else ""))
 
 
 def _verify(args) -> int:
@@ -194,6 +244,12 @@ def main(argv=None) -> int:
             parser.error("--attrs is for folder sources; celeba reads list_attr_celeba.txt")
     warnings.simplefilter("always", DataWarning)
     try:
+        if args.command == "lfw-attrs":
+            from .lfw import convert
+            counts = convert(args.src, args.out, args.people)
+            print(f"{args.out}: {counts['rows']} images x {counts['attributes']} continuous attributes"
+                  + (f" ({counts['left_out']} of other persons left out)" if args.people else ""))
+            return 0
         return _make(args) if args.command == "make" else _verify(args)
     except (DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@
     diti-fast check FIXTURE.pt                            (= python -m diti_fast.reference.check ...)
     diti-fast demo                                        (= python -m diti_fast.demo, what `make demo` runs)
     diti-fast import-original CKPT.pt --config PRESET --out DIR   (an original run or DDPM -> our export)
+    diti-fast doctor                                      (= python -m diti_fast.selfcheck: is this install ready?)
     diti-fast eval ... / diti-fast sample ...             (when diti_fast.eval.commands is installed)
 
 Multi-GPU launches go through a launcher and the script path, e.g.
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", "diti_fast.demo", "the CPU demo: synthetic shards -> DDPM -> DiTi -> export -> report"),
         ("import-original", "diti_fast.import_original",
          "an original DiTi/PDAE run or DDPM checkpoint -> this project's export (checked against a preset)"),
+        ("doctor", "diti_fast.selfcheck",
+         "self-check: versions, the CUDA device, Triton kernels compile, fused Adam loads"),
     ):
         p = sub.add_parser(name, help=helptext, add_help=False, prefix_chars="\0")
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -74,6 +74,13 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, str):
+            # YAML reads "38e6" (no dot) as a string: a number in exponent form is accepted when its
+            # value is a whole number, like 38.0e6 or 38000000.
+            try:
+                value = float(value.strip().replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)

@@ -25,6 +25,15 @@ SHARED_FIXTURE = REPO.parent / "shared" / "reference" / FIXTURE_NAME
 SHIPPED_FIXTURE = REPO / "tests" / "fixtures" / "golden" / FIXTURE_NAME
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Benchmarks are off in a plain run: --benchmark-disable is set here when pytest-benchmark is
+    installed, not in pyproject's addopts, so that pytest also runs without the dev extra (an
+    unknown addopt stops it before collecting anything). --benchmark-enable turns them on."""
+    if config.pluginmanager.hasplugin("benchmark") and not config.getoption("benchmark_enable", False):
+        config.option.benchmark_disable = True
+
+
 def golden_fixture() -> Path:
     return SHARED_FIXTURE if SHARED_FIXTURE.is_file() else SHIPPED_FIXTURE
 

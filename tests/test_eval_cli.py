@@ -202,3 +202,21 @@ def test_counterfactual_cells_are_the_algebra_decoded(env):
                                   slerp_noise=slerp_noise)
         torch.testing.assert_close(imgs[0, 0], ref[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(imgs[0, 1], want_at_1, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("probe", ["--epochs EPOCHS default: 15", "--lr LR default: 0.001", "--seed SEED default: 0",
+               "--batch-size BATCH_SIZE probe batch (default: 128)"]),
+    ("manipulate", ["sparsity mask (0 = all) (default: 16)", "--epochs EPOCHS default: 10",
+                    "--invert-steps INVERT_STEPS inversion steps (the original: 1000) (default: 1000)"]),
+    ("sample", ["--steps STEPS default: 100", "--num NUM default: 16"]),
+])
+def test_eval_help_shows_the_defaults(command, shown, capsys):
+    from diti_fast.cli import main as cli_main
+    argv = ["eval", command, "--help"] if command != "sample" else ["sample", "--help"]
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    out = " ".join(capsys.readouterr().out.split())  # whatever the terminal width
+    assert e.value.code == 0
+    for text in shown:
+        assert text in out, (text, out)

@@ -77,6 +77,28 @@ def test_edit_is_the_standardised_step():
     torch.testing.assert_close(d.scores(z), torch.sigmoid(u @ torch.from_numpy(w).T))
 
 
+def test_effect_reports_the_mean_score_change_with_its_spread_and_invisible_edits():
+    x0 = torch.zeros(3, 3, 4, 4)
+    s_in = torch.tensor([0.2, 0.5, 0.4])
+    edited = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.6], [0.3, 0.4, 0.41]])  # scales -1, 0, +1
+    imgs = torch.zeros(3, 3, 3, 4, 4)
+    imgs[:, 0] = 10 / 127.5   # s=-1: 10 grey levels from the s=0 decode
+    imgs[:, 2] = 0.5 / 127.5  # s=+1: half a grey level: not visible
+    e = M.effect_summary(s_in, edited, imgs, x0, [-1.0, 0.0, 1.0])
+    up = np.array([0.3 - 0.2, 0.6 - 0.5, 0.41 - 0.4])
+    assert e["1"]["score_change_mean"] == pytest.approx(up.mean(), abs=1e-6)
+    assert e["1"]["score_change_std"] == pytest.approx(up.std(), abs=1e-6)
+    assert (e["1"]["pixel_change"], e["1"]["visible"]) == (pytest.approx(0.5, rel=1e-5), False)
+    assert (e["-1"]["pixel_change"], e["-1"]["visible"]) == (pytest.approx(10.0, rel=1e-5), True)
+    line = M.describe_effect("Smiling", e, 3)
+    assert "s=+1: score +0.070 ± 0.042 (mean ± sd over 3 images), pixels 0.5/255 (no visible effect)" in line
+    assert "s=-1: score -0.067 ± 0.047" in line and "the edit has no visible effect" not in line
+    # Only an invisible edit (no s=0 column: measured against the input): said so for the whole edit.
+    only = M.effect_summary(s_in, edited[:, 2:], imgs[:, 2:], x0, [1.0])
+    assert only["1"]["pixel_change"] == pytest.approx(0.5, rel=1e-5)
+    assert "the edit has no visible effect" in M.describe_effect("Smiling", only, 3)
+
+
 def test_manipulation_moves_the_score_and_reuses_the_cache(env, monkeypatch):
     cfg = M.ManipConfig(lr=1e-2)
     res = M.run_manipulation(env / "run", env / "shards", "shape", [-1.0, 1.0], "cpu", cfg, num=6, steps=10,

@@ -27,7 +27,7 @@ TINY = {
     "stage": "ddpm",
     "run": {"threads": 1, "seed": 5},
     "data": {"source": "fixed", "batch_size": 4, "num_workers": 0, "image_size": 16},
-    "optim": {"lr": 1e-3, "scale_lr_by_batch": False},
+    "optim": {"lr": 1e-3, "lr_rule": "none"},
     "deepspeed": {"zero_stage": 0},
     "ema": {"decay": 0.99, "warmup": True},
     "log": {"every": 1, "progress": False, "tensorboard": False},

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diti_fast.config import ConfigError
 from diti_fast.engine.loop import train
 from diti_fast.engine.run_config import apply_overrides, build_config, load_config, resume_conflicts
 
@@ -41,22 +42,48 @@ def test_original_config_presets(name):
 
 
 def test_lr_rules_with_4_and_8_gpus():
+    # The paper: lr 1e-4 for a global batch of 128 (4 GPUs x 32 in the original code's per-GPU rule).
     c = load_config("celeba64")
-    assert c.lr_rule() == "per_gpu"
-    assert (c.lr(4), c.lr(8)) == (pytest.approx(1e-4), pytest.approx(5e-5))  # the original halves it on 8
-    g = load_config("celeba64", ["optim.lr_rule=global"])
-    assert (g.lr(1), g.lr(4), g.lr(8)) == (pytest.approx(1e-4),) * 3
+    assert c.lr_rule() == "global"
+    assert (c.lr(1), c.lr(4), c.lr(8)) == (pytest.approx(1e-4),) * 3
+    o = load_config("celeba64_original")
+    assert o.lr_rule() == "per_gpu"
+    assert (o.lr(4), o.lr(8)) == (pytest.approx(1e-4), pytest.approx(5e-5))  # the original halves it on 8
     assert load_config("celeba64", ["optim.lr_rule=none", "data.batch_size=256"]).lr(8) == 1e-4
-    assert load_config("celeba64", ["optim.scale_lr_by_batch=false"]).lr(8) == 1e-4  # legacy switch
+    assert load_config("celeba64", ["data.batch_size=256"]).lr(8) == pytest.approx(2e-4)
     assert load_config("celeba64_pdae", ["optim.lr_rule=per_gpu"]).lr(8) == pytest.approx(2e-4 * 16 / 32)
 
 
+@pytest.mark.parametrize("override", ["optim.scale_lr_by_batch=false", "optim.scale_lr_by_batch=true",
+                                      "optim.lr_rule=auto"])
+def test_removed_lr_switches_are_refused_naming_lr_rule(override):
+    with pytest.raises(ConfigError, match=r"optim\.lr_rule") as e:
+        load_config("celeba64", [override])
+    assert "removed" in str(e.value)
+
+
+def test_print_config_with_8_ranks_shows_the_papers_lr(monkeypatch, capsys):
+    import yaml
+    from diti_fast.engine.loop import main
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    for preset, rule, lr in (("celeba64", "global", 1e-4), ("celeba64_original", "per_gpu", 5e-5)):
+        assert main(["--config", preset, "--print-config"]) == 0
+        out = yaml.safe_load(capsys.readouterr().out)
+        assert out["effective"] == {"world_size": 8, "lr_rule": rule, "lr": pytest.approx(lr), "micro_batch": 16}
+        assert out["run"]["dir"] == f"runs/{preset}-diti"
+        # The printed config loads back as it was (the effective section is derived, not read).
+        assert build_config(out).lr(8) == pytest.approx(lr)
+
+
 def test_configs_saved_before_lr_rule_resume():
-    cur = {"stage": "diti", "diti": {"mode": "base"}, "optim": {"lr_rule": "none", "scale_lr_by_batch": True}}
+    # Configs saved by earlier versions: scale_lr_by_batch, or lr_rule 'auto' (per_gpu, none for pdae).
+    cur = {"stage": "diti", "diti": {"mode": "base"}, "optim": {"lr_rule": "none"}}
     old = {"stage": "diti", "diti": {"mode": "base"}, "optim": {"scale_lr_by_batch": False}}
     assert resume_conflicts(old, cur) == []
     assert resume_conflicts({**old, "optim": {"scale_lr_by_batch": True}}, cur) == \
         ["optim.lr_rule: 'per_gpu' -> 'none'"]
+    assert resume_conflicts({**old, "optim": {"lr_rule": "auto"}}, {**cur, "optim": {"lr_rule": "global"}}) == \
+        ["optim.lr_rule: 'per_gpu' -> 'global'"]
 
 
 def test_pdae_exports_sample_without_masks():

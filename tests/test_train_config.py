@@ -23,8 +23,7 @@ def test_presets_load_and_hold_the_original_hyper_parameters():
     assert c.model.masks.dims_per_stage == (10, 25, 327, 100, 50)
     assert (c.optim.lr, tuple(c.optim.betas), c.optim.eps, c.optim.weight_decay) == (1e-4, (0.9, 0.999), 1e-8, 0.0)
     assert c.ema.decay == 0.9999 and c.ema.every == 1
-    assert c.lr(world_size=4) == pytest.approx(1e-4)       # per-GPU batch 32 -> lr unchanged
-    assert c.lr(world_size=1) == pytest.approx(4e-4)       # the original's rule
+    assert c.lr(world_size=4) == c.lr(world_size=1) == pytest.approx(1e-4)  # the paper's lr, any rank count
     assert c.total_steps() == math.ceil(38_000_000 / 128)
     o = load_config("celeba64_original")
     assert (o.run.precision, o.fast.attention, o.fast.compile, o.fast.fused_norm, o.fast.fused_loss) == \
@@ -60,6 +59,8 @@ def test_overrides_are_typed_dotted_and_validated():
     (["model.unet.base_channel=48"], "model.unet.base_channel"),
     (["model.masks.dims_per_stage=1,2,3,4,5"], "model.masks.dims_per_stage sums to 15"),
     (["run.max_images=10"], "run.max_images=10"),
+    (["run.max_images=38.5e0"], "run.max_images: expected an integer"),
+    (["run.max_images=lots"], "run.max_images: expected an integer, got 'lots'"),
     (["fast.attention=flash"], "fast.attention"),
     (["fast.compile=true", "fast.compile_mode=reduce-overhead"], "fast.compile_mode"),
     (["optim.lr"], "expected key=value"),
@@ -69,6 +70,22 @@ def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
         load_config("shapes32", overrides)
     assert field in str(e.value)
+
+
+def test_integers_in_exponent_form():
+    # YAML reads 38e6 (no dot) as a string; 38.0e6 and 38000000 are numbers. All three mean the same.
+    for v in ("38e6", "38.0e6", "38000000", "3.8E+7"):
+        c = load_config("celeba64", [f"run.max_images={v}"])
+        assert c.run.max_images == 38_000_000 and type(c.run.max_images) is int
+
+
+def test_train_help_names_every_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in PRESETS:
+        assert name in out, name
+    assert len(PRESETS) >= 16
 
 
 def test_runtime_checks_name_the_fields():

@@ -39,7 +39,7 @@ CONFIG = {
     "run": {"threads": 1, "seed": 11, "max_images": 24},
     "data": {"source": "fixed", "batch_size": 8},
     "diti": {"mode": "dual"},
-    "optim": {"lr": 1e-3, "scale_lr_by_batch": False},   # the original's rule would differ by world size
+    "optim": {"lr": 1e-3, "lr_rule": "none"},   # the original's rule would differ by world size
     "deepspeed": {"zero_stage": 2, "grad_accum": 2},
     "ema": {"decay": 0.5},
     "log": {"every": 1, "progress": False, "tensorboard": False},

@@ -40,7 +40,7 @@ TINY = {
                        "attention_resolutions": [2], "num_heads": 1, "dropout": 0.0}},
     "run": {"threads": 1, "seed": 5},
     "data": {"source": "fixed", "batch_size": 8, "image_size": 16, "num_workers": 0},
-    "optim": {"lr": 1e-3, "scale_lr_by_batch": False},
+    "optim": {"lr": 1e-3, "lr_rule": "none"},
     "ema": {"decay": 0.9},
     "log": {"every": 1, "progress": False, "tensorboard": False},
     "checkpoint": {"every": 0, "keep": 3},

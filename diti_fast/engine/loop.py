@@ -48,8 +48,8 @@ from diti_fast.engine.ema import EMA
 from diti_fast.engine.graph_step import GraphStep, plan_step
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
-from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm
-from diti_fast.engine.run_config import (TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
+from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm, load_start_ddpm
+from diti_fast.engine.run_config import (PRESETS, TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
                                          validate_runtime)
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.stopping import StopSignal, hold_for_signal, stop_reason
@@ -104,7 +104,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> t
                                   " (use a new run.dir to train with these settings)")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(saved_cfg, dump_yaml(cfg))
+        write_text_atomic(saved_cfg, dump_yaml(cfg, world))
     return found
 
 
@@ -128,8 +128,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     size = cfg.image_size(check_shards(cfg, world, micro))
     # Record the resolved image size in the saved config and the export (sampling reads it there).
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
-    if cfg.stage == "diti" and not ckpt.checkpoint_dirs(resolve_run_dir(cfg) / "checkpoints"):
-        check_init_ddpm(cfg)  # a resumed run takes the frozen DDPM from its checkpoint instead
+    if (cfg.stage == "diti" or cfg.init.finetune) and not ckpt.checkpoint_dirs(resolve_run_dir(cfg) / "checkpoints"):
+        check_init_ddpm(cfg)  # a resumed run takes the DDPM from its checkpoint instead
     threads = torch.get_num_threads()
     if cfg.run.threads and device_type == "cpu":
         torch.set_num_threads(cfg.run.threads)
@@ -161,6 +161,9 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     frozen_from = None
     if cfg.stage == "diti" and latest is None:  # a resumed run gets it from the checkpoint
         frozen_from = load_frozen_ddpm(objective.decoder, cfg)
+    start_from = None
+    if cfg.stage == "ddpm" and cfg.init.finetune and latest is None:  # fine-tuning; a resume has its weights
+        start_from = load_start_ddpm(objective.unet, cfg)
     objective.to(device).train()
     trainable = objective.trainable()
     lr = cfg.lr(world)
@@ -199,9 +202,10 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
         print(f"[diti-fast] stage={cfg.stage} run={run_dir} ranks={world} device={device} "
               f"precision={'bf16-autocast' if autocast else 'fp32'} zero={cfg.deepspeed.zero_stage} "
               f"batch={cfg.data.batch_size} (micro {micro} x accum {cfg.deepspeed.grad_accum} x {world}) "
-              f"lr={lr:g} params={n_train / 1e6:.2f}M trainable / {n_all / 1e6:.2f}M "
+              f"lr={lr:g} (optim.lr_rule={cfg.lr_rule()}, optim.lr={cfg.optim.lr:g}) params={n_train / 1e6:.2f}M trainable / {n_all / 1e6:.2f}M "
               f"steps={step}->{total}" + (f" resumed from {latest}" if latest else "")
               + (f" frozen DDPM from {frozen_from}" if frozen_from else "")
+              + (f" fine-tuning the DDPM from {start_from}" if start_from else "")
               + (" cuda-graph" if plan.capture else ""), flush=True)
         if plan.reason:
             print(f"[diti-fast] {plan.reason}", flush=True)
@@ -334,9 +338,10 @@ def build_parser(prog: str = "diti_fast/train.py") -> argparse.ArgumentParser:
                                  epilog="Overrides: dotted.key=value, e.g. stage=ddpm optim.lr=2e-4 "
                                         "data.batch_size=64 deepspeed.zero_stage=2 (see docs/training.md)")
     ap.add_argument("--config", required=True,
-                    help="a preset name (celeba64, celeba64_original, ffhq128, bedroom128, shapes32) or a YAML file")
+                    help=f"a preset name ({', '.join(PRESETS)}) or a YAML file")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (with the learning rate it gives on WORLD_SIZE ranks) and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     return ap
 
@@ -350,8 +355,10 @@ def main(argv: list[str] | None = None, prog: str = "diti_fast/train.py") -> int
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if not cfg.run.dir:  # the directory the run will use, shown and recorded instead of ''
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(resolve_run_dir(cfg))))
     if args.print_config:
-        print(dump_yaml(cfg), end="")
+        print(dump_yaml(cfg, int(os.environ.get("WORLD_SIZE", 1))), end="")
         return 0
     try:
         result = train(cfg)

@@ -129,3 +129,15 @@ def load_frozen_ddpm(decoder: nn.Module, cfg: TrainConfig) -> str:
     decoder.freeze()
     return str(path)
 
+
+
+def load_start_ddpm(unet: nn.Module, cfg: TrainConfig) -> str:
+    """Stage ddpm with init.finetune: the UNet starts from init.ddpm (our export or the original's
+    checkpoint) and stays trainable."""
+    path = check_init_ddpm(cfg)
+    if path.suffix == ".safetensors":
+        tensors, _ = load_weights(path)
+        load_state(unet, split_prefixed(tensors, "unet"), f"init.ddpm={path}")
+    else:
+        load_original_ddpm(unet, path, use_ema=cfg.init.ddpm_use_ema)
+    return str(path)

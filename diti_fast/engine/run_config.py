@@ -97,6 +97,9 @@ class InitSection:
     # that run's directory) or the original's checkpoint ({"ema_denoise_fn": ...}).
     ddpm: str = ""
     ddpm_use_ema: bool = True      # original format: ema_denoise_fn (true) or denoise_fn (false)
+    # stage ddpm: start the DDPM from init.ddpm's weights (fine-tuning) instead of a random init. A
+    # flag rather than init.ddpm alone: the presets name init.ddpm for their diti stage.
+    finetune: bool = False
 
 
 @dataclass
@@ -107,14 +110,12 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     # How optim.lr scales with the batch (see TrainConfig.lr and docs/training.md):
-    #   per_gpu: the original's lr · (per-GPU batch) / 32, per-GPU batch = global batch / ranks; the
-    #            paper's 4 GPUs x 32 keep lr, 8 GPUs x 16 halve it;
-    #   global:  lr · (global batch) / 128: the paper's lr for its 128 images whatever the number of GPUs;
-    #   none:    lr as given;
-    #   auto:    per_gpu, except none for diti.mode=pdae (the original's PDAE trainer uses the raw lr).
-    lr_rule: Literal["auto", "per_gpu", "global", "none"] = "auto"
-    # Legacy switch (false = lr_rule none); kept so existing configs still load.
-    scale_lr_by_batch: bool = True
+    #   global:  lr · (global batch) / 128: the paper's lr for its 128 images whatever the number of
+    #            GPUs (the presets that reproduce the paper);
+    #   per_gpu: the original code's lr · (per-GPU batch) / 32, per-GPU batch = global batch / ranks;
+    #            the paper's 4 GPUs x 32 keep lr, 8 GPUs x 16 halve it (the *_original presets);
+    #   none:    lr as given (the original's PDAE trainer; the pdae presets).
+    lr_rule: Literal["global", "per_gpu", "none"] = "global"
     grad_clip: float = 0.0         # 0 = none (the original); >0 makes DeepSpeed compute the norm (a sync)
 
 
@@ -267,6 +268,13 @@ class TrainConfig:
             if self.data.image_size not in (0, size):
                 raise ConfigError(f"{w}.data.image_size={self.data.image_size} but encoder "
                                   f"{w}.model.encoder.name={self.model.encoder.name!r} takes {size}x{size} images")
+        if self.init.finetune:
+            if self.stage != "ddpm":
+                raise ConfigError(f"{w}.init.finetune=true applies to stage 'ddpm' (fine-tuning a DDPM from "
+                                  f"{w}.init.ddpm); stage {self.stage!r} keeps init.ddpm frozen: drop init.finetune")
+            if not self.init.ddpm:
+                raise ConfigError(f"{w}.init.finetune=true but {w}.init.ddpm is empty: name the DDPM to start "
+                                  "from (a ddpm-stage export, its run directory, or an original checkpoint .pt)")
         if self.diti.mode not in MODES:  # Literal already checks; kept in sync with losses.MODES
             raise ConfigError(f"{w}.diti.mode must be one of {MODES}")
         if self.fast.compile_mode == "reduce-overhead" and self.fast.compile:
@@ -288,13 +296,7 @@ class TrainConfig:
         return self.data.batch_size // (world_size * self.deepspeed.grad_accum)
 
     def lr_rule(self) -> str:
-        """The rule in force: auto resolved, the legacy scale_lr_by_batch=false honoured."""
-        rule = self.optim.lr_rule
-        if rule == "auto":
-            if not self.optim.scale_lr_by_batch:
-                return "none"
-            return "none" if self.stage == "diti" and self.diti.mode == "pdae" else "per_gpu"
-        return rule
+        return self.optim.lr_rule
 
     def lr(self, world_size: int) -> float:
         rule = self.lr_rule()
@@ -364,13 +366,15 @@ def read_config_file(spec: str | Path, _seen: tuple = ()) -> tuple[dict, str]:
     data = load_yaml(path)
     parent = data.pop("extends", None)
     name = path.stem
+    own_preset = data.get("preset")
     if parent is not None:
         if not isinstance(parent, str):
             raise ConfigError(f"{path}: extends must be a preset name or a path, got {parent!r}")
         candidate = path.parent / parent
         base, _ = read_config_file(candidate if candidate.is_file() else parent, _seen + (path,))
         data = _merge(base, data)
-    data.setdefault("preset", name)
+    # The file's own name, not the one it extends (celeba64_original runs in runs/celeba64_original-*).
+    data["preset"] = own_preset if own_preset is not None else name
     return data, name
 
 
@@ -407,9 +411,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 _ROOT = "\x00"  # placeholder for the top level in messages: "optim.lr: ..." rather than "config.optim.lr"
 
 
+# Keys this engine no longer reads, with what replaced them: a config that sets one is refused
+# with the replacement named, rather than trained with a silently different learning rate.
+_REMOVED = {
+    ("optim", "scale_lr_by_batch"): "optim.scale_lr_by_batch was removed: the learning rate follows "
+    "optim.lr_rule alone (global: the paper's lr for a global batch of 128 on any number of GPUs; "
+    "per_gpu: the original code's lr x per-GPU batch / 32; none: lr as given; "
+    "scale_lr_by_batch=false was lr_rule=none)",
+}
+
+
+def _check_removed(data: dict) -> None:
+    for (section, key), msg in _REMOVED.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(msg)
+    optim = data.get("optim")
+    if isinstance(optim, dict) and optim.get("lr_rule") == "auto":
+        raise ConfigError("optim.lr_rule: 'auto' was removed (it meant per_gpu, none for pdae); choose "
+                          "global (the paper's lr for a global batch of 128 on any number of GPUs), "
+                          "per_gpu (the original code's rule) or none")
+
+
 def build_config(data: dict, source: str = "config") -> TrainConfig:
     """Typed, validated TrainConfig; errors name the dotted field and the source (file + overrides)."""
+    data = {k: v for k, v in data.items() if k != "effective"}  # written by dump_yaml, derived
     try:
+        _check_removed(data)
         return from_dict(TrainConfig, data, _ROOT)
     except ConfigError as e:
         msg = str(e).replace(_ROOT + ".", "").replace(_ROOT, "config")
@@ -428,15 +455,26 @@ def resolved_dict(cfg: TrainConfig) -> dict:
     return to_dict(cfg)
 
 
-def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(resolved_dict(cfg), sort_keys=False)
+def effective(cfg: TrainConfig, world_size: int) -> dict:
+    """What the config resolves to on ``world_size`` ranks (recorded in RUN/config.yaml)."""
+    return {"world_size": world_size, "lr_rule": cfg.lr_rule(), "lr": cfg.lr(world_size),
+            "micro_batch": cfg.micro_batch(world_size)}
+
+
+def dump_yaml(cfg: TrainConfig, world_size: int | None = None) -> str:
+    """The resolved config; with ``world_size`` also an ``effective:`` section (the learning rate the
+    run trains with, its rule, the micro-batch), which loading ignores."""
+    data = resolved_dict(cfg)
+    if world_size is not None:
+        data["effective"] = effective(cfg, world_size)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # Keys that may change between a run and its resumption: how long, how it logs, how it saves.
 # deepspeed.zero_stage: an elastic checkpoint (checkpoint.elastic) converts its optimiser state.
-RESUME_MUTABLE = ("run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "data.verify",
+RESUME_MUTABLE = ("preset", "run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "data.verify",
                   "data.max_consecutive_skips", "log.", "checkpoint.", "debug.", "fast.compile", "fast.compile_mode",
-                  "fast.cuda_graph", "guard.", "init.ddpm", "deepspeed.zero_stage")
+                  "fast.cuda_graph", "guard.", "init.ddpm", "deepspeed.zero_stage", "effective.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -451,8 +489,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _resolved_lr_rule(flat: dict) -> str:
-    """The lr rule a flattened resolved config trains with (configs saved before optim.lr_rule existed
-    only have scale_lr_by_batch): compared on resume instead of the two raw keys."""
+    """The lr rule a flattened resolved config trains with. Configs saved by earlier versions of this
+    engine may hold lr_rule 'auto' (per_gpu, none for pdae) or only scale_lr_by_batch: their
+    meaning then is what such a run trained with, compared on resume instead of the raw keys."""
     rule = flat.get("optim.lr_rule", "auto")
     if rule != "auto":
         return rule

@@ -74,6 +74,30 @@ def _range(s: str) -> tuple[int, int]:
     return lo, hi
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except the uninformative None/False ones."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _adder(sub):
+    """sub.add_parser with the defaults-showing help formatter."""
+    return functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
+
+
+def _show_defaults(sub) -> None:
+    """argparse prints no help line (and so no default) for an option without help text: give such
+    options one that is just their default."""
+    for parser in sub.choices.values():
+        for action in parser._actions:
+            if action.help is None and not (action.default is None or action.default is False
+                                            or action.default is argparse.SUPPRESS):
+                action.help = "default: %(default)s"
+
+
 # --------------------------------------------------------------------------- shared options
 
 def _run_data(p: argparse.ArgumentParser, splits: bool = False) -> None:
@@ -311,21 +335,22 @@ def cmd_sample(args) -> int:
 def add_eval_commands(sub) -> None:
     """Register probe, chunks, counterfactual, interpolate, reconstruct and report on ``sub``."""
     from .counterfactual import DEFAULT_ALPHAS, DEFAULT_LOC, DEFAULT_WIDTH
+    add_parser = _adder(sub)
 
-    p = sub.add_parser("probe", help="linear probe on frozen EMA encoder features (the paper's protocol)")
+    p = add_parser("probe", help="linear probe on frozen EMA encoder features (the paper's protocol)")
     _run_data(p, splits=True)
     _probe_opts(p)
     p.add_argument("--out", help="JSON of the results (default RUN/eval/probe.json)")
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("chunks", help="per-chunk attribution: probe each attribute from each stage's chunks")
+    p = add_parser("chunks", help="per-chunk attribution: probe each attribute from each stage's chunks")
     _run_data(p, splits=True)
     _probe_opts(p)
     p.add_argument("--groups", type=int, default=8, help="number of chunk groups for balanced masks")
     p.add_argument("--out", help="JSON of the table (default RUN/eval/chunks.json; .md and _heatmap.png beside)")
     p.set_defaults(func=cmd_chunks)
 
-    p = sub.add_parser("counterfactual", help="swap chunk ranges of z between two images (labelled PNG grid)")
+    p = add_parser("counterfactual", help="swap chunk ranges of z between two images (labelled PNG grid)")
     _run_data(p)
     p.add_argument("--pair", type=_pair, default=(0, 1), help="positions A,B of the two images in --data")
     p.add_argument("--loc", type=_ints, default=list(DEFAULT_LOC), help="first chunk of each range")
@@ -339,7 +364,7 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--out", help="PNG path (default RUN/eval/counterfactual_A_B.png)")
     p.set_defaults(func=cmd_counterfactual)
 
-    p = sub.add_parser("interpolate", help="interpolate z on a chunk range (all of z by default) and slerp x_T")
+    p = add_parser("interpolate", help="interpolate z on a chunk range (all of z by default) and slerp x_T")
     _run_data(p)
     p.add_argument("--pair", type=_pair, default=(0, 1))
     p.add_argument("--chunks", type=_range, default=None, help="chunk range LO:HI (default: all chunks)")
@@ -349,7 +374,7 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--out")
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("reconstruct", help="invert and decode images (plain reconstruction)")
+    p = add_parser("reconstruct", help="invert and decode images (plain reconstruction)")
     _run_data(p)
     p.add_argument("--indices", type=_ints, default=list(range(8)), help="positions of the images in --data")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh-noise row")
@@ -358,7 +383,7 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--out")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("regress", help="the original's attribute regression: Linear, MSE on raw targets "
+    p = add_parser("regress", help="the original's attribute regression: Linear, MSE on raw targets "
                                        "(Adam 1e-3, batch 64, 15 epochs), test Pearson r / MSE per epoch")
     _run_data(p)
     p.add_argument("--test-data", help="test shard set (default: position mod 10 = 9 of --data)")
@@ -374,7 +399,7 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--out", help="JSON of the results (default RUN/eval/regress.json)")
     p.set_defaults(func=cmd_regress)
 
-    p = sub.add_parser("manipulate", help="edit images along an attribute's linear-classifier direction in z")
+    p = add_parser("manipulate", help="edit images along an attribute's linear-classifier direction in z")
     _run_data(p)
     p.add_argument("--attr", required=True, help="a binary or categorical attribute of the data's manifest")
     p.add_argument("--class", dest="classes", action="append",
@@ -397,17 +422,18 @@ def add_eval_commands(sub) -> None:
                    "always cached there)")
     p.set_defaults(func=cmd_manipulate)
 
-    p = sub.add_parser("report", help="write RUN/report/report.md with probes, chunk heatmap and grids")
+    p = add_parser("report", help="write RUN/report/report.md with probes, chunk heatmap and grids")
     _run_data(p, splits=True)
     _probe_opts(p)
     p.set_defaults(max_samples=4000, standardize=True, lr=1e-2)  # small-data settings, see ReportSettings
     p.add_argument("--groups", type=int, default=8)
     _ddim_opts(p, steps=20, invert=20)
     p.set_defaults(func=cmd_report)
+    _show_defaults(sub)
 
 
 def add_sample_command(sub) -> None:
-    p = sub.add_parser("sample", help="DDPM samples (DDIM) from a ddpm export or a DiTi export's frozen DDPM")
+    p = _adder(sub)("sample", help="DDPM samples (DDIM) from a ddpm export or a DiTi export's frozen DDPM")
     p.add_argument("--run", required=True)
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--steps", type=int, default=100)
@@ -417,12 +443,13 @@ def add_sample_command(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--out", help="PNG path (default RUN/eval/samples.png)")
     p.set_defaults(func=cmd_sample)
+    _show_defaults(sub)
 
 
 def add_subcommands(subparsers) -> None:
     """Hook for the main ``diti-fast`` parser: adds ``eval <command>`` and ``sample``. Handlers are stored
     as ``func`` (``args.func(args)`` returns the exit status)."""
-    p = subparsers.add_parser("eval", help="evaluate a trained run: probes, chunk attribution, grids, report")
+    p = _adder(subparsers)("eval", help="evaluate a trained run: probes, chunk attribution, grids, report")
     add_eval_commands(p.add_subparsers(dest="eval_command", required=True, metavar="COMMAND"))
     add_sample_command(subparsers)
 

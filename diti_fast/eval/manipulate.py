@@ -275,6 +275,51 @@ def moved_fraction(input_scores: torch.Tensor, edited: torch.Tensor, scales) -> 
     return out
 
 
+# A mean absolute change below this many grey levels (of 255) between the edited image and the
+# unedited one is not visible: the edit is reported as having no visible effect.
+VISIBLE_GREY_LEVELS = 2.0
+
+
+def effect_summary(input_scores: torch.Tensor, edited: torch.Tensor, imgs: torch.Tensor, x0: torch.Tensor,
+                   scales) -> dict:
+    """Per scale: the classifier score's change from the input (mean and standard deviation over the
+    images) and the images' mean absolute pixel change in grey levels (0-255) from the unedited
+    decode (the s=0 column when there is one, else the input). ``imgs`` [N, S, 3, H, W], ``x0``
+    [N, 3, H, W], both in [-1, 1]."""
+    sc = list(map(float, scales))
+    ref = imgs[:, sc.index(0.0)] if 0.0 in sc else x0
+    delta = (edited - input_scores[:, None]).double()
+    out = {}
+    for j, s in enumerate(sc):
+        d = delta[:, j]
+        px = float((imgs[:, j] - ref).abs().mean() * 127.5)
+        out[f"{s:g}"] = {"score_change_mean": float(d.mean()),
+                         "score_change_std": float(d.std(unbiased=False)) if len(d) > 1 else 0.0,
+                         "pixel_change": px, "visible": px >= VISIBLE_GREY_LEVELS}
+    return out
+
+
+def describe_effect(tag: str, summary: dict, n: int) -> str:
+    """One line per edit: the mean score change ± its spread at the extreme scales, and whether the
+    images changed visibly (a score can move while the picture does not)."""
+    parts = []
+    scales = sorted(summary, key=float)
+    for s in dict.fromkeys((scales[0], scales[-1])):
+        e = summary[s]
+        if float(s) == 0.0:
+            continue
+        text = (f"s={float(s):+g}: score {e['score_change_mean']:+.3f} ± {e['score_change_std']:.3f} "
+                f"(mean ± sd over {n} image{'s' if n != 1 else ''}), pixels {e['pixel_change']:.1f}/255")
+        if not e["visible"]:
+            text += " (no visible effect)"
+        parts.append(text)
+    line = f"{tag}: " + "; ".join(parts)
+    if parts and not any(summary[s]["visible"] for s in summary if float(s) != 0.0):
+        line += (f" -- the edit has no visible effect (under {VISIBLE_GREY_LEVELS:g} grey levels): "
+                 "try larger --scales")
+    return line
+
+
 # --------------------------------------------------------------------------- the command
 
 def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positions=None, num: int = 4,
@@ -327,11 +372,11 @@ def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positi
         save_grid(out_dir / f"{stem}.png", grid, [f"#{p} ({a:.2f})" for p, a in zip(pos, s_in.tolist())],
                   ["input"] + [f"s={s:g}" for s in scales],
                   title=f"{tag}: z + s·√D·ŵ, {invert_steps} inversion / {steps} DDIM steps, unmasked")
+        effect = effect_summary(s_in, s_out, imgs, x, scales)
         result["directions"][name] = {"grid": str(out_dir / f"{stem}.png"), "input_scores": s_in.tolist(),
-                                      "scores": s_out.tolist(), "moved": moved_fraction(s_in, s_out, scales)}
-        log(f"{tag}: score moved up for {result['directions'][name]['moved'].get('up', float('nan')):.0%}, "
-            f"down for {result['directions'][name]['moved'].get('down', float('nan')):.0%} of the images; "
-            f"wrote {out_dir / (stem + '.png')}")
+                                      "scores": s_out.tolist(), "moved": moved_fraction(s_in, s_out, scales),
+                                      "effect": effect}
+        log(f"{describe_effect(tag, effect, len(pos))}; wrote {out_dir / (stem + '.png')}")
     stem = "manipulate_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in attribute)
     (out_dir / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=1))
     result["json"] = str(out_dir / f"{stem}.json")
@@ -340,5 +385,4 @@ def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positi
 
 __all__ = ["ManipConfig", "Directions", "attribute_targets", "latent_stats", "d_prime", "top_dims_mask",
            "train_directions", "fit_directions", "cached_directions", "directions_cache_key", "invert_unmasked",
-           "manipulate",
-           "moved_fraction", "run_manipulation"]
+           "manipulate", "moved_fraction", "effect_summary", "describe_effect", "run_manipulation"]

@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write tar shards of images already resized to the training resolution, with per-sample "
             "attributes, plus manifest.json (sample count, image size, attribute names and kinds, "
-            "per-shard sha256). Re-running into the same directory keeps shards already written "
-            "with the same settings and never duplicates samples; a directory holding unrelated "
-            "files is refused."
+            "per-shard sha256). An output directory that already holds a shard set is refused unless "
+            "--overwrite is given; the new set is then written beside it and takes its place only "
+            "when complete (shards already written with the same settings are reused). A directory "
+            "holding unrelated files is refused."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -69,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported as image folders; celeba: CelebA's official aligned layout (one shard set per split); "
                         "lmdb: the original DiTi/PDAE code's LMDB datasets (Diff-AE's preparation scripts; see --layout)")
     m.add_argument("--out", required=True, type=Path,
-                   help="output directory (created if missing; must be empty or an earlier output of this tool). "
-                        "For celeba and lmdb's celeba64 layout, each split goes to OUT/<split>/")
+                   help="output directory (created if missing; must be empty, or an earlier output of this tool "
+                        "with --overwrite). For celeba and lmdb's celeba64 layout, each split goes to OUT/<split>/")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace the shard set already in --out. The new set is written into .OUT.partial beside "
+                        "it and renamed into place when complete: an interrupted run leaves the old set untouched "
+                        "(and a re-run reuses the shards it wrote)")
     m.add_argument("--size", "--image-size", dest="size", type=_at_least(8), default=None,
                    help="training resolution: images are stored as SIZE×SIZE (default 32 for synthetic, 64 otherwise)")
     m.add_argument("--maxcount", type=_at_least(1), default=2000,
@@ -139,13 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _make(args) -> int:
     from .folder import plan_folder, shuffled
     from .synthetic import make_synthetic_shards
-    from .writer import write_shards
+    from .writer import check_out_dir, check_target, write_shards
 
     size = args.size or (32 if args.source == "synthetic" else 64)
     if args.resample is None:
         args.resample = "bilinear" if args.source in ("celeba", "lmdb") else "bicubic"
     common = dict(image_format=args.format, quality=args.quality, maxcount=args.maxcount, workers=args.workers,
-                  prefix=args.prefix, progress=not args.no_progress, verify=args.verify)
+                  prefix=args.prefix, progress=not args.no_progress, verify=args.verify, overwrite=args.overwrite)
+    # Refuse a taken output before any work (planning reads attribute tables and image trees).
+    if args.source == "celeba":
+        check_out_dir(args.out, args.prefix, allowed_dirs=SPLITS)
+        for split in (SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))):
+            check_target(args.out / split, args.prefix, args.overwrite)
+    else:
+        check_target(args.out, args.prefix, args.overwrite)
     if args.source == "synthetic":
         manifest = make_synthetic_shards(args.out, args.num, image_size=size, seed=args.seed, **common)
         _report(args.out, manifest)
@@ -155,10 +167,8 @@ def _make(args) -> int:
     shuffle_cfg = {"shuffle": not args.no_shuffle, "seed": args.seed}
     if args.source == "celeba":
         from .celeba import plan_celeba
-        from .writer import check_out_dir
 
         splits = SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))
-        check_out_dir(args.out, args.prefix, allowed_dirs=SPLITS)
         by_split, attributes, render, config = plan_celeba(args.root, image_size=size, resample=args.resample)
         for split in splits:
             manifest = write_shards(

@@ -146,11 +146,13 @@ def make_synthetic_shards(
     prefix: str = "shard",
     verify: bool = False,
     variant: str = "classic",
+    overwrite: bool = False,
 ) -> dict:
     """Write ``num`` synthetic samples as shards into ``out_dir``; returns the manifest.
 
     ``variant``: ``classic`` (this module) or ``clear`` (:mod:`data_shards.synthetic_clear`: visible
-    fine factors, independent factors; made for the claim run)."""
+    fine factors, independent factors; made for the claim run). ``overwrite``: replace a shard set
+    already in ``out_dir`` (otherwise refused; see ``writer.write_shards``)."""
     if num < 1:
         raise ValueError("num must be >= 1")
     if variant not in VARIANTS:
@@ -176,4 +178,5 @@ def make_synthetic_shards(
         prefix=prefix,
         progress=progress,
         verify=verify,
+        overwrite=overwrite,
     )

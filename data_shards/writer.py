@@ -1,11 +1,14 @@
 """Turn an ordered list of source items into a shard set: parallel shard writing, checksums,
 the manifest, idempotent re-runs, and refusal of output directories that are not ours.
 
-Re-running into the same directory never duplicates samples: shard names are a pure function of
-their position in the plan (``{prefix}-{i:06d}.tar``), every shard is written to a temporary name
-and renamed when complete, and the manifest is written last. A shard that an earlier run (complete
-or interrupted, recorded in the journal) already wrote with the same configuration is kept;
-anything else matching our shard pattern is rewritten or removed.
+An output directory that already holds a shard set is replaced only when asked (``overwrite``).
+The new set is written into a staging directory beside it (``.NAME.partial``) and renamed into
+place when complete, so an interrupted or failed run leaves the old set as it was. Shard names are
+a pure function of their position in the plan (``{prefix}-{i:06d}.tar``), every shard is written
+to a temporary name and renamed when complete, and the manifest is written last. A shard that an
+earlier run already wrote with the same configuration — in the old set, or in the staging
+directory of an interrupted run (recorded in its journal) — is reused (hard-linked, else copied);
+anything else is rewritten. Samples are never duplicated.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -46,16 +50,52 @@ def _ours(prefix: str) -> re.Pattern:
     )
 
 
+def staging_dir(out: Path) -> Path:
+    """Where a new set for ``out`` is written before it replaces ``out`` (same filesystem)."""
+    out = Path(os.path.abspath(out))
+    return out.with_name(f".{out.name}.partial")
+
+
+def _aside_dir(out: Path) -> Path:
+    out = Path(os.path.abspath(out))
+    return out.with_name(f".{out.name}.old-{os.getpid()}")
+
+
+def _set_members(out: Path, prefix: str) -> list[str]:
+    """What in ``out`` belongs to a shard set of ours (shards, manifest, journal, temporaries)."""
+    if not out.is_dir():
+        return []
+    pattern = _ours(prefix)
+    return sorted(n for n in os.listdir(out) if pattern.match(n))
+
+
+def check_target(out: Path, prefix: str, overwrite: bool, allowed_dirs: Sequence[str] = ()) -> dict | None:
+    """Before any work: refuse ``out`` if it holds unrelated files, or a shard set while
+    ``overwrite`` is off. Returns the manifest of the set there, if any."""
+    manifest = check_out_dir(out, prefix, allowed_dirs)
+    held = _set_members(out, prefix)
+    if held and not overwrite:
+        what = (f"a shard set of {manifest.get('num_samples')} samples in {len(manifest.get('shards', []))} shards"
+                if manifest is not None else f"an incomplete shard set ({len(held)} file(s): {', '.join(held[:3])}"
+                f"{', …' if len(held) > 3 else ''})")
+        raise OutputDirError(f"{out}: already holds {what}; refusing to replace it. Pass --overwrite "
+                             "(write_shards(overwrite=True)) to replace it: the new set is written beside it "
+                             f"({staging_dir(out).name}) and takes its place only when complete")
+    return manifest
+
+
 def check_out_dir(out: Path, prefix: str, allowed_dirs: Sequence[str] = ()) -> dict | None:
-    """Refuse a directory holding anything we did not write; return its manifest if it has one."""
+    """Refuse a directory holding anything we did not write; return its manifest if it has one.
+    ``allowed_dirs``: sub-directories that may be there (with their staging directories)."""
     if not out.exists():
         return None
     if not out.is_dir():
         raise OutputDirError(f"{out}: output path exists and is not a directory")
     pattern = _ours(prefix)
+    staged = re.compile(rf"^\.(?:{'|'.join(map(re.escape, allowed_dirs))})\.(?:partial|old-\d+)$") if allowed_dirs else None
     unrelated = [
         n for n in sorted(os.listdir(out))
-        if not (pattern.match(n) or (n in allowed_dirs and (out / n).is_dir()))
+        if not (pattern.match(n) or ((n in allowed_dirs or (staged and staged.match(n))) and (out / n).is_dir()))
     ]
     if unrelated:
         shown = ", ".join(unrelated[:5]) + (f" and {len(unrelated) - 5} more" if len(unrelated) > 5 else "")
@@ -158,6 +198,7 @@ def write_shards(
     verify: bool = False,
     allowed_dirs: Sequence[str] = (),
     notes: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write ``items`` (already in final order) as shards of ``maxcount`` samples into ``out_dir``.
 
@@ -165,12 +206,15 @@ def write_shards(
     ``tarwrite.Skipped`` per item; it and the items must be picklable. ``config`` is everything
     else that determines the output bytes; together with the encoding options it decides whether
     shards left by an earlier run can be kept. ``notes`` are recorded in the manifest as they are
-    (e.g. attribute-table rows and images that did not match). Returns the manifest.
+    (e.g. attribute-table rows and images that did not match). ``overwrite``: replace a shard set
+    already in ``out_dir`` (without it, such a directory is refused). Returns the manifest.
     """
     if maxcount < 1:
         raise ValueError("maxcount must be >= 1")
-    out = Path(out_dir)
-    old_manifest = check_out_dir(out, prefix, allowed_dirs)
+    final = Path(out_dir)
+    old_manifest = check_target(final, prefix, overwrite, allowed_dirs)
+    out = staging_dir(final)  # everything is written here, then renamed into place
+    check_out_dir(out, prefix)
     out.mkdir(parents=True, exist_ok=True)
 
     fingerprint = fingerprint_of(
@@ -178,12 +222,13 @@ def write_shards(
              quality=quality if image_format == "jpg" else None, prefix=prefix,
              attributes=attributes, num_items=len(items), version=FORMAT_VERSION, labels=LABEL_LAYOUT)
     )
-    reusable = _read_journal(out, fingerprint)
-    if old_manifest is not None:
-        if old_manifest.get("fingerprint") == fingerprint:
-            reusable.update({s["name"]: s for s in old_manifest.get("shards", [])})
-        # The manifest goes first: if this run dies, no manifest may describe a mixed directory.
-        (out / MANIFEST_NAME).unlink()
+    reusable = _read_journal(out, fingerprint)  # an interrupted run's shards, in the staging directory
+    if old_manifest is not None and old_manifest.get("fingerprint") == fingerprint:
+        for s in old_manifest.get("shards", []):  # the old set's shards: linked in, the old set untouched
+            if s["name"] not in reusable and _still_valid(final, s, verify):
+                _link_or_copy(final / s["name"], out / s["name"])
+                reusable[s["name"]] = s
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
 
     plan = [
         (shard_name(prefix, i), list(items[start:start + maxcount]))
@@ -251,7 +296,27 @@ def write_shards(
     }
     write_manifest(out, manifest)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
+    _swap_in(out, final)
     return manifest
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+def _swap_in(staged: Path, final: Path) -> None:
+    """Put the complete set in ``staged`` at ``final``; the old set there is removed only after."""
+    aside = None
+    if final.exists():
+        aside = _aside_dir(final)
+        os.rename(final, aside)
+    os.rename(staged, final)
+    if aside is not None:
+        shutil.rmtree(aside)
 
 
 def _map(jobs: list[_Job], workers: int):

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, FastConfig, ModelConfig, from_dict, to_dict
+from .files import honour_umask
 from .nn import Encoder, ShiftUNet, UNet, build_decoder, build_encoder, build_unet
 
 
@@ -134,6 +135,7 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], config: dic
     tmp = path.with_name(path.name + ".tmp")
     meta = {"config": json.dumps(config)} if config is not None else None
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    honour_umask(tmp)  # safetensors creates its files 0600: colleagues' eval jobs could not read them
     tmp.replace(path)
 
 

@@ -2,7 +2,9 @@
 
 ``ShardServer``: a real HTTP server on 127.0.0.1 (a free port) serving a directory. ``drop``:
 {URL path: bytes} — those files are announced with their full Content-Length, but the connection
-is closed after that many bytes (a download that dies mid-shard). ``hits`` counts GETs per path.
+is closed after that many bytes (a download that dies mid-shard). ``stall``: {URL path: bytes} —
+after that many bytes the server sends nothing more but keeps the connection open until it shuts
+down (a stalled server). ``hits`` counts GETs per path.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from pathlib import Path
 
 class _Handler(SimpleHTTPRequestHandler):
     drop: dict = {}
+    stall: dict = {}
     hits: Counter = Counter()
+    closing: threading.Event = threading.Event()
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -27,6 +31,12 @@ class _Handler(SimpleHTTPRequestHandler):
         super().do_GET()
 
     def copyfile(self, source, outputfile):
+        if self.path in self.stall:
+            outputfile.write(source.read(self.stall[self.path]))
+            outputfile.flush()
+            self.closing.wait(120)  # silent, connection open; released when the server shuts down
+            self.close_connection = True
+            return
         cut = self.drop.get(self.path)
         if cut is None:
             return super().copyfile(source, outputfile)
@@ -37,9 +47,11 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class ShardServer:
-    def __init__(self, root: Path, drop: dict | None = None):
+    def __init__(self, root: Path, drop: dict | None = None, stall: dict | None = None):
         self.hits: Counter = Counter()
-        handler = type("Handler", (_Handler,), {"drop": dict(drop or {}), "hits": self.hits})
+        self.closing = threading.Event()
+        handler = type("Handler", (_Handler,), {"drop": dict(drop or {}), "stall": dict(stall or {}),
+                                                 "hits": self.hits, "closing": self.closing})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
         self.httpd.handle_error = lambda *args: None  # clients that stop reading early are normal here
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -50,6 +62,7 @@ class ShardServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -63,7 +63,8 @@ def test_single_split_and_rerun(celeba, tmp_path):
     out = tmp_path / "out"
     args = ["make", "--source", "celeba", "--root", str(root), "--out", str(out), "--size", str(SIZE),
             "--split", "valid", "--workers", "1", "--no-progress"]
-    assert main(args) == 0 and main(args) == 0
+    assert main(args) == 0 and main(args) == 2  # the second would replace the first: refused
+    assert main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["valid"]
     assert read_manifest(out / "valid")["num_samples"] == split_of.count(1)
     with pytest.raises(FileNotFoundError, match="holds shard sets valid"):

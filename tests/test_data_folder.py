@@ -101,20 +101,21 @@ def test_rerun_is_idempotent_and_replans(tree, tmp_path):
     args = ["--source", "folder", "--root", root, "--out", out, "--size", SIZE, "--workers", 1]
     assert _make(*args, "--maxcount", 2) == 0
     first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
-    assert _make(*args, "--maxcount", 2) == 0
+    assert _make(*args, "--maxcount", 2, "--overwrite") == 0
     again = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
     assert again == first  # nothing rewritten, nothing added
     # A different plan into the same directory: old shards go, samples are not duplicated.
-    assert _make(*args, "--maxcount", 4) == 0
+    assert _make(*args, "--maxcount", 4, "--overwrite") == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     got = list(eval_loader(out, batch_size=100))
     idx = sorted(int(i) for b in got for i in b["index"])
     assert idx == list(range(len(files)))
-    # An interrupted earlier run (shard present, no manifest) is also cleaned up.
-    (out / "manifest.json").unlink()
-    (out / "shard-000007.tar").write_bytes(b"partial")
-    assert _make(*args, "--maxcount", 4) == 0
-    assert not (out / "shard-000007.tar").exists()
+    # An interrupted earlier run (shards staged beside, no manifest) is cleaned up.
+    from data_shards.writer import staging_dir
+    staging_dir(out).mkdir()
+    (staging_dir(out) / "shard-000007.tar").write_bytes(b"partial")
+    assert _make(*args, "--maxcount", 4, "--overwrite") == 0
+    assert not staging_dir(out).exists() and not (out / "shard-000007.tar").exists()
     assert read_manifest(out)["num_samples"] == len(files)
 
 

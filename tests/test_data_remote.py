@@ -2,11 +2,14 @@
 
 Training (the engine, a few steps) and an evaluation pass read the same set over http:// (with
 the manifest fetched from the server) and through pipe:cat; a server that drops the connection
-mid-shard costs that shard's tail, counted exactly, and the run goes on; a 404 is an error
-naming the URL.
+mid-shard, or stalls without closing it, costs that shard's tail, counted exactly, and the run goes
+on; a 404 is an error naming the URL; without curl, http(s) shards are refused before any work.
 """
 import math
 import shutil
+import signal
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -23,12 +26,14 @@ S, N, SEED = 16, 48, 5
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The set at /set/ (4 shards of 12) and a copy at /cut/ whose shard 1 is cut after 5 samples."""
+    """The set at /set/ (4 shards of 12) and copies at /cut/ and /stall/ whose shard 1 is cut after 5
+    samples: the connection closes there (/cut/), or stays open with nothing more sent (/stall/)."""
     root = tmp_path_factory.mktemp("www")
     make_synthetic_shards(root / "set", N, image_size=S, seed=SEED, maxcount=12)
     shutil.copytree(root / "set", root / "cut")
+    shutil.copytree(root / "set", root / "stall")
     cut = sample_offsets(root / "set" / "shard-000001.tar")["000000017"] + 100  # inside sample 17's header
-    with ShardServer(root, drop={"/cut/shard-000001.tar": cut}) as server:
+    with ShardServer(root, drop={"/cut/shard-000001.tar": cut}, stall={"/stall/shard-000001.tar": cut}) as server:
         yield root, server
 
 
@@ -101,6 +106,63 @@ def test_training_goes_on_with_exact_bad_shard_count(served, tmp_path):
     assert metrics(tmp_path)[-1]["data_skipped"] == dict({r: 0 for r in REASONS}, bad_shard=expected)
 
 
+class Hang(BaseException):
+    """The alarm's exception: a BaseException, so no reader's handler takes it for a bad shard."""
+
+
+@contextmanager
+def _hang_guard(seconds):
+    def fail(*_):
+        raise Hang(f"still reading after {seconds} s: a stalled download hangs the reader")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("limit", [dict(stream_stall_s=1), dict(stream_timeout_s=2)])
+def test_stalled_server_costs_the_shard_tail(served, reference, limit):
+    # The server sends shard 1 up to sample 17's header, then nothing, keeping the connection open.
+    # Either limit ends the download (curl exit 28): one bad_shard, the other samples all read.
+    root, server = served
+    started = time.monotonic()
+    with _hang_guard(30), pytest.warns(DataWarning, match=r"bad_shard=1\b"):
+        stats = _check_pass(eval_loader(f"{server.url}/stall/manifest.json", batch_size=8, **limit), reference,
+                            [i for i in range(N) if not 17 <= i < 24])
+    assert stats["skipped_by_reason"] == {"bad_shard": 1}
+    assert "stall/shard-000001.tar: timed out" in stats["examples"][0] and "(curl exit 28)" in stats["examples"][0]
+    assert time.monotonic() - started < 30
+
+
+def test_training_goes_on_past_a_stalled_server(served, tmp_path):
+    # As with the dropped connection below: every read of the stalled shard yields samples 12..16,
+    # then waits out data.stream_timeout_s and counts once; 3 steps of 8 go to 3 streams, one stall each.
+    # (The overall limit keeps this test short: curl judges a stall by a 5-second average speed.)
+    root, server = served
+    steps, micro = 3, 8
+    with _hang_guard(60):
+        res = train(tiny_config(tmp_path, "stage=ddpm", f"data.shards={server.url}/stall/shard-000001.tar",
+                                "data.num_samples=400", "data.shuffle_buffer=1", f"data.batch_size={micro}",
+                                "data.stream_timeout_s=2", f"run.max_images={steps * micro}"))
+    assert res.status == "done" and res.step == steps
+    assert metrics(tmp_path)[-1]["data_skipped"] == dict({r: 0 for r in REASONS}, bad_shard=3)
+
+
+def test_without_curl_http_shards_are_refused_before_any_work(served, tmp_path, monkeypatch):
+    root, server = served
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    for shards in (f"{server.url}/set/manifest.json", f"{server.url}/set/shard-{{000000..000001}}.tar"):
+        with pytest.raises(DataError, match=r"needs the `curl` command, which is not on PATH; install the curl package"):
+            eval_loader(shards, batch_size=4)
+    with pytest.raises(ConfigError, match=r"data.shards=.*install the curl package"):
+        train(tiny_config(tmp_path / "run", "stage=ddpm", f"data.shards={server.url}/set/manifest.json",
+                          "run.max_images=4"))
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_verify_command_reads_a_manifest_url(served, capsys):
     from data_shards.__main__ import main as shards_main
     root, server = served
@@ -123,7 +185,8 @@ def test_404_is_an_error_naming_the_url(served, tmp_path):
         train(tiny_config(tmp_path, "stage=ddpm", f"data.shards={url}", "run.max_images=4"))
 
 
-@pytest.mark.parametrize("name", ["../set/shard-000000.tar", "/etc/passwd", "http://elsewhere/x.tar", "a/../../b.tar"])
+@pytest.mark.parametrize("name", ["../set/shard-000000.tar", "/etc/passwd", "http://elsewhere/x.tar", "a/../../b.tar",
+                                  "pipe:cat /etc/passwd", "pipe:touch injected.tar"])
 def test_manifest_names_stay_inside_its_location(served, tmp_path, name):
     import json
 

@@ -319,7 +319,8 @@ def test_a_second_job_on_a_run_dir_is_refused_and_a_stale_lock_replaced(tmp_path
     # A job on this host that is gone (its pid no longer exists): stale at once.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock.write_text(json.dumps({"host": host, "pid": dead.pid, "started": time.time(), "token": "t"}))
+    lock.write_text(json.dumps({"host": host, "machine": run_lock.machine_id(), "pid": dead.pid,
+                                "started": time.time(), "token": "t"}))
     assert train(tiny(run_dir, "run.max_images=16")).step == 2
     assert f"pid {dead.pid} on this host is gone" in capsys.readouterr().out
 

@@ -72,7 +72,7 @@ class EvalPass(IterableDataset):
         for shard, offset, length in pieces(spec.counts, start, stop):
             url = spec.urls[shard]
             seen = 0
-            read = ShardRead(url, stats, skip=offset, limit=length)
+            read = ShardRead(url, stats, skip=offset, limit=length, limits=spec.limits)
             for sample in read:
                 sample["__pos__"] = starts[shard] + offset + seen
                 seen += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import signal
 import warnings
 import weakref
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import DataError, DataWarning
 from .eval_pass import EvalPass, num_rank_batches
+from .shard_reader import DEFAULT_LIMITS
 from .shard_spec import ShardSpec
 from .skip_stats import SkipStats
 from .train_stream import TrainStream, read_amplification
@@ -134,13 +136,22 @@ def _check(batch_size: int, rank: int, world_size: int, num_workers: int) -> Non
 
 def prepare_spec(shards, *, image_size: int | None = None, size_mismatch: str | None = None,
                  resample: str | None = None, verify: bool = False,
-                 max_consecutive_skips: int | None = None) -> ShardSpec:
+                 max_consecutive_skips: int | None = None, stream_timeout_s: float | None = None,
+                 stream_stall_s: float | None = None) -> ShardSpec:
     """Resolve ``shards`` and set how to read them: ``image_size`` (default: the set's own),
     ``size_mismatch`` ("resize": center crop + ``resample`` filter, "skip", "error"), ``verify``
     (sha256 of every shard against the manifest before reading; a mismatch is a DataError naming
-    the shard), ``max_consecutive_skips`` (the stall limit)."""
-    spec = ShardSpec.resolve(shards).reading(image_size=image_size, size_mismatch=size_mismatch,
-                                              resample=resample, max_consecutive_skips=max_consecutive_skips)
+    the shard), ``max_consecutive_skips`` (the stall limit), ``stream_timeout_s`` / ``stream_stall_s``
+    (an http(s) shard's download: the most seconds in all, and without progress; ``StreamLimits``)."""
+    limits = None  # a ShardSpec keeps its own; anything else gets the defaults
+    if stream_timeout_s is not None or stream_stall_s is not None:
+        if (stream_timeout_s is not None and stream_timeout_s <= 0) or (stream_stall_s is not None and stream_stall_s <= 0):
+            raise ValueError(f"stream_timeout_s and stream_stall_s must be > 0, got {stream_timeout_s}, {stream_stall_s}")
+        limits = dataclasses.replace(DEFAULT_LIMITS, **{k: v for k, v in dict(
+            timeout_s=stream_timeout_s, stall_s=stream_stall_s).items() if v is not None})
+    spec = ShardSpec.resolve(shards, limits or DEFAULT_LIMITS).reading(image_size=image_size, size_mismatch=size_mismatch,
+                                                      resample=resample, max_consecutive_skips=max_consecutive_skips,
+                                                      limits=limits)
     if verify:
         spec.verify_sha256()
     return spec

@@ -43,11 +43,12 @@ def is_remote(location: str) -> bool:
     return location.startswith("pipe:") or urlparse(location).scheme not in ("", "file")
 
 
-def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(location: str | os.PathLike, limits=None) -> dict[str, Any]:
     """Load and validate a manifest (a directory holding one, its path, or a URL);
-    ``shards[i]["path"]`` is added: an absolute path, or a URL beside the manifest's."""
+    ``shards[i]["path"]`` is added: an absolute path, or a URL beside the manifest's. ``limits``:
+    the download's time limits (``shard_reader.StreamLimits``; default: its defaults)."""
     if isinstance(location, str) and is_remote(location):
-        return _read_remote(location)
+        return _read_remote(location, limits)
     if isinstance(location, str) and location.startswith("file:"):
         location = location[len("file://"):] if location.startswith("file://") else location[len("file:"):]
     path = manifest_path(location)
@@ -65,13 +66,13 @@ def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def _read_remote(url: str) -> dict[str, Any]:
-    from .shard_reader import exit_reason, open_shard  # webdataset's opener
+def _read_remote(url: str, limits=None) -> dict[str, Any]:
+    from .shard_reader import DEFAULT_LIMITS, exit_reason, open_shard  # webdataset's opener
 
     if url.startswith("pipe:"):
         raise DataError(f"{url}: a manifest read through pipe: has no location for its shard names; "
                         "list the shards themselves (e.g. 'pipe:cat dir/shard-{000000..000009}.tar')")
-    stream = open_shard(url)
+    stream = open_shard(url, limits or DEFAULT_LIMITS)
     try:
         data = stream.read()
     except OSError:
@@ -103,7 +104,8 @@ def _parse(data: bytes, where) -> dict[str, Any]:
 
 def check_shard_name(name: Any, where) -> None:
     """A shard name stays inside the manifest's location: a relative path without '..' segments,
-    no absolute path, no URL scheme (a manifest must not point readers elsewhere)."""
+    no absolute path, no URL scheme and no ``pipe:`` command: no ':' at all (a manifest must not point
+    readers elsewhere, nor make them run anything)."""
     if not isinstance(name, str) or not name:
         raise DataFormatError(f"{where}: shard name {name!r} is not a non-empty string")
     parts = PurePosixPath(name.replace("\\", "/")).parts

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
 from urllib.parse import urlparse
 
 # The module attribute ``webdataset.gopen`` is the function (the package re-exports it over the
 # submodule's name), so the scheme table is imported from the submodule explicitly.
-from webdataset.gopen import gopen, gopen_schemes
+from webdataset.gopen import Pipe, gopen, gopen_schemes
 from webdataset.tariterators import tar_file_iterator
 
 from .codec import image_member, raw_side
@@ -30,7 +32,28 @@ _CHILD_EXIT_S = 30  # how long a closed download or pipe: command gets to exit b
 # curl's exit codes that webdataset's http(s) opener can end with, in words.
 _CURL_EXIT = {6: "cannot resolve the host", 7: "cannot connect", 18: "the transfer ended early (partial file)",
               22: "the server answered with an HTTP error (>= 400, e.g. 404 not found)",
-              28: "timed out", 52: "the server sent nothing", 56: "the connection broke while receiving"}
+              28: "timed out (data.stream_timeout_s in all, or data.stream_stall_s without progress)", 52: "the server sent nothing", 56: "the connection broke while receiving"}
+
+
+# The command-line tool each of webdataset's URL openers runs, and where it comes from.
+_TOOLS = {"http": "curl", "https": "curl", "sftp": "curl", "ftps": "curl", "scp": "curl", "gs": "gsutil"}
+_PACKAGES = {"curl": "the curl package (e.g. apt-get install curl, dnf install curl, conda install curl)",
+             "gsutil": "the Google Cloud SDK (gsutil)"}
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """How long a download (http(s) through curl) may take: ``timeout_s`` for the whole shard, and
+    at most ``stall_s`` seconds below ``low_speed_bps`` bytes/s (a server that stops sending but
+    keeps the connection open). Either ends the download, which then counts as a bad shard."""
+
+    timeout_s: float = 3600.0
+    stall_s: float = 60.0
+    low_speed_bps: int = 1024
+    connect_timeout_s: float = 30.0
+
+
+DEFAULT_LIMITS = StreamLimits()
 
 
 def is_local(url: str) -> bool:
@@ -51,13 +74,32 @@ def check_url(url: str) -> None:
     if scheme not in gopen_schemes:
         known = ", ".join(sorted(k for k in gopen_schemes if not k.startswith("_")))
         raise DataError(f"{url}: no opener for scheme {scheme!r} (local paths, file:, {known})")
+    tool = _TOOLS.get(scheme)
+    if tool is not None and shutil.which(tool) is None:
+        raise DataError(f"{url}: reading {scheme}:// shards needs the `{tool}` command, which is not on PATH; "
+                        f"install {_PACKAGES[tool]}")
 
 
-def open_shard(url: str):
+def open_shard(url: str, limits: StreamLimits = DEFAULT_LIMITS):
     if is_local(url):
         return open(local_path(url), "rb", buffering=_LOCAL_BUFFER)
-    stream = gopen(url, "rb")  # pipe:, http(s): via curl, gs: via gsutil, ...
+    if urlparse(url).scheme in ("http", "https") and not url.startswith("pipe:"):
+        check_url(url)  # curl present
+        pipe = Pipe(curl_command(url, limits), mode="rb", bufsize=_LOCAL_BUFFER, ignore_status=[141, 23])
+        return _Piped(pipe, download=True)
+    stream = gopen(url, "rb")  # pipe:, gs: via gsutil, ...
     return _Piped(stream) if hasattr(stream, "proc") else stream
+
+
+def curl_command(url: str, limits: StreamLimits = DEFAULT_LIMITS) -> list[str]:
+    """curl for one shard: fails on HTTP errors, follows redirects, gives up after
+    ``limits.timeout_s`` in all or ``limits.stall_s`` below ``limits.low_speed_bps`` (exit 28).
+    No ``--retry``: a retry after part of the shard reached the pipe would send it a second time."""
+    return ["curl", "--fail", "--silent", "--location",
+            "--connect-timeout", f"{min(limits.connect_timeout_s, limits.timeout_s):g}",
+            "--max-time", f"{limits.timeout_s:g}",
+            "--speed-limit", str(int(limits.low_speed_bps)), "--speed-time", f"{max(1, round(limits.stall_s))}",
+            url]
 
 
 class _Piped:
@@ -66,8 +108,10 @@ class _Piped:
     child has exited badly, dropping bytes already received: how many samples survive a broken
     download would then depend on timing.)"""
 
-    def __init__(self, pipe):
-        self.pipe, self.status = pipe, None
+    def __init__(self, pipe, download: bool = False):
+        # download: our own curl, which is stopped at once when closed early (it may be waiting on
+        # a silent server, not writing, and so would not notice the closed pipe until it times out).
+        self.pipe, self.status, self.download = pipe, None, download
 
     def read(self, n: int = -1) -> bytes:
         return self.pipe.stream.read(n)
@@ -78,6 +122,8 @@ class _Piped:
     def close(self) -> None:
         if not self.pipe.stream.closed:
             self.pipe.stream.close()  # a child still writing now exits (SIGPIPE / curl 23)
+            if self.download and self.pipe.proc.poll() is None:
+                self.pipe.proc.terminate()
             try:
                 self.status = self.pipe.proc.wait(timeout=_CHILD_EXIT_S)
             except subprocess.TimeoutExpired:  # a command that ignores its closed output
@@ -121,8 +167,9 @@ class ShardRead:
     mode raises instead.
     """
 
-    def __init__(self, url: str, stats: SkipStats, skip: int = 0, limit: int | None = None):
-        self.url, self.stats, self.skip, self.limit = url, stats, skip, limit
+    def __init__(self, url: str, stats: SkipStats, skip: int = 0, limit: int | None = None,
+                 limits: StreamLimits = DEFAULT_LIMITS):
+        self.url, self.stats, self.skip, self.limit, self.limits = url, stats, skip, limit, limits
         self.damaged = False
         self.ended = False  # the archive was read to its end (not cut off by ``limit``)
         self._stream = None
@@ -147,7 +194,7 @@ class ShardRead:
     def __iter__(self) -> Iterator[dict]:
         url, skip = self.url, self.skip
         try:
-            stream = self._stream = open_shard(url)
+            stream = self._stream = open_shard(url, self.limits)
         except (OSError, ValueError) as exc:
             self._bad(f"cannot open ({type(exc).__name__}: {exc})")
             return
@@ -213,8 +260,9 @@ class ShardRead:
             self._handler(exn)
 
 
-def iter_shard(url: str, stats: SkipStats, skip: int = 0, limit: int | None = None) -> Iterator[dict]:
-    return iter(ShardRead(url, stats, skip, limit))
+def iter_shard(url: str, stats: SkipStats, skip: int = 0, limit: int | None = None,
+               limits: StreamLimits = DEFAULT_LIMITS) -> Iterator[dict]:
+    return iter(ShardRead(url, stats, skip, limit, limits))
 
 
 class _Prepended:
@@ -280,7 +328,7 @@ def refuse_size(spec, stats: SkipStats, url: str, key: str | None, msg: str) -> 
     stats.skip("size", url, key, msg)
 
 
-def count_samples(url: str, on_sample=None) -> int:
+def count_samples(url: str, on_sample=None, limits: StreamLimits = DEFAULT_LIMITS) -> int:
     """Samples in one shard, for shard sets without a manifest: tar headers only when local and
     plain, else one streaming pass (``on_sample`` sees each sample, e.g. to collect labels)."""
     if is_local(url) and on_sample is None:
@@ -302,17 +350,17 @@ def count_samples(url: str, on_sample=None) -> int:
         except (tarfile.ReadError, OSError):
             pass  # compressed or damaged: count by streaming below
     n = 0
-    for sample in iter_shard(url, SkipStats()):  # a damaged shard counts what it holds; reading it reports it
+    for sample in iter_shard(url, SkipStats(), limits=limits):  # a damaged shard counts what it holds; reading it reports it
         n += 1
         if on_sample is not None:
             on_sample(sample)
     return n
 
 
-def shard_sha256(url: str) -> str:
+def shard_sha256(url: str, limits: StreamLimits = DEFAULT_LIMITS) -> str:
     """sha256 of the whole shard; OSError when it cannot be read (a failed download says why)."""
     h = hashlib.sha256()
-    with open_shard(url) as f:
+    with open_shard(url, limits) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     failed = exit_reason(url, f)

@@ -16,7 +16,8 @@ from .codec import RESAMPLE, SIZE_POLICIES, image_member, image_side
 from .errors import DataError
 from .labels import AttributeScan, label_names
 from .manifest import MANIFEST_NAME, is_remote, read_manifest
-from .shard_reader import ShardRead, check_url, count_samples, is_local, local_path, shard_sha256
+from .shard_reader import (DEFAULT_LIMITS, ShardRead, StreamLimits, check_url, count_samples, is_local, local_path,
+                           shard_sha256)
 from .skip_stats import DEFAULT_MAX_CONSECUTIVE_SKIPS, SkipStats
 
 
@@ -46,6 +47,7 @@ class ShardSpec:
     size_mismatch: str = "resize"
     resample: str = "bicubic"
     max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS
+    limits: StreamLimits = DEFAULT_LIMITS  # download time limits of http(s) shards
     label_member: str | None = field(default=None, repr=False)  # manifest-less sets: json, cls or f32
     sha256_checked: bool = field(default=False, repr=False)
 
@@ -63,27 +65,39 @@ class ShardSpec:
         return self.channels * self.image_size**2
 
     def reading(self, *, image_size: int | None = None, size_mismatch: str | None = None,
-                resample: str | None = None, max_consecutive_skips: int | None = None) -> "ShardSpec":
+                resample: str | None = None, max_consecutive_skips: int | None = None,
+                limits: StreamLimits | None = None) -> "ShardSpec":
         """A copy with reading options set (None keeps the current value)."""
         if size_mismatch is not None and size_mismatch not in SIZE_POLICIES:
             raise ValueError(f"size_mismatch must be one of {SIZE_POLICIES}, got {size_mismatch!r}")
         if resample is not None and resample not in RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
         changes = {k: v for k, v in dict(image_size=image_size, size_mismatch=size_mismatch, resample=resample,
-                                         max_consecutive_skips=max_consecutive_skips).items() if v is not None}
+                                         max_consecutive_skips=max_consecutive_skips, limits=limits).items()
+                   if v is not None}
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def resolve(cls, shards: "ShardSpec | str | os.PathLike | Sequence[str]") -> "ShardSpec":
+    def resolve(cls, shards: "ShardSpec | str | os.PathLike | Sequence[str]",
+                limits: StreamLimits = DEFAULT_LIMITS) -> "ShardSpec":
+        """``limits``: for the downloads resolving needs (a remote manifest, a first sample) and
+        kept for every later read."""
         if isinstance(shards, ShardSpec):
             return shards
+        spec = cls._resolve(shards, limits)
+        spec.limits = limits
+        return spec
+
+    @classmethod
+    def _resolve(cls, shards, limits: StreamLimits) -> "ShardSpec":
         if isinstance(shards, os.PathLike):
             shards = str(shards)
         if isinstance(shards, str):
             if is_remote(shards):
                 if shards.endswith((".json", "/")) and not shards.startswith("pipe:"):
                     url = shards + MANIFEST_NAME if shards.endswith("/") else shards
-                    return cls.from_manifest(read_manifest(url))
+                    check_url(url)
+                    return cls.from_manifest(read_manifest(url, limits))
             else:
                 p = Path(local_path(shards))
                 if p.is_dir() or p.suffix == ".json":
@@ -106,7 +120,7 @@ class ShardSpec:
             spec.urls = list(urls)
             spec.counts = [s["num_samples"] for s in picked]
             return spec
-        return cls._from_first_sample(urls)
+        return cls._from_first_sample(urls, limits)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ShardSpec":
@@ -121,10 +135,10 @@ class ShardSpec:
         )
 
     @classmethod
-    def _from_first_sample(cls, urls: list[str]) -> "ShardSpec":
+    def _from_first_sample(cls, urls: list[str], limits: StreamLimits) -> "ShardSpec":
         url = urls[0]
         stats = SkipStats()
-        first = next(iter(ShardRead(url, stats, limit=1)), None)
+        first = next(iter(ShardRead(url, stats, limit=1, limits=limits)), None)
         if first is None:
             why = stats.examples[0] if stats.examples else f"{url}: no samples"
             raise DataError(f"cannot read the first shard of the set: {why}")
@@ -151,7 +165,7 @@ class ShardSpec:
         print(f"[diti-fast data] no manifest for {len(self.urls)} shard(s) ({self.urls[0]}"
               f"{', …' if len(self.urls) > 1 else ''}): counting samples"
               f"{' and reading label values' if scan else ''} in one pass", file=sys.stderr, flush=True)
-        self.counts = [count_samples(u, scan.add if scan else None) for u in self.urls]
+        self.counts = [count_samples(u, scan.add if scan else None, self.limits) for u in self.urls]
         if scan is not None:
             self.attributes = scan.attributes()
         return self
@@ -168,7 +182,7 @@ class ShardSpec:
             if entry is None:
                 continue
             try:
-                digest = shard_sha256(url)
+                digest = shard_sha256(url, self.limits)
             except OSError as exc:
                 raise DataError(f"{url}: cannot read shard to verify it ({exc})") from None
             if digest != entry["sha256"]:

@@ -26,10 +26,18 @@ def looks_compressed(head: bytes) -> bool:
 
 
 def _number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes ≥ 8 GiB
+    """A numeric header field: octal text, or GNU base-256 for sizes ≥ 8 GiB. Anything else (a
+    sign, a negative base-256 value, non-octal digits) is a ValueError."""
+    if field[:1] and field[0] & 0x80:
+        if field[0] != 0x80:  # 0xff leads a negative base-256 number
+            raise ValueError(f"negative or malformed base-256 field {field!r}")
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    if not text:
+        return 0
+    if not text.isdigit():  # int() would also take a sign, '_' and other spellings
+        raise ValueError(f"non-octal numeric field {field!r}")
+    return int(text, 8)
 
 
 def checksum_ok(hdr: bytes) -> bool:
@@ -51,14 +59,41 @@ def _header_name(hdr: bytes) -> bytes:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+    """``LEN key=value\\n`` records; LEN counts the whole record. Every record must lie inside
+    ``data`` and advance past its own length field, so the loop always ends."""
+    out, pos, end = {}, 0, len(data)
+    while pos < end:
+        if data[pos] == 0:  # some writers pad the record block with NULs
+            if data.count(0, pos) != end - pos:
+                raise ValueError(f"NUL bytes inside the records at offset {pos}")
+            break
+        space = data.find(b" ", pos, min(end, pos + 21))
+        digits = data[pos:space]
+        if space < 0 or not digits.isdigit():
+            raise ValueError(f"no record length at offset {pos}")
+        length = int(digits)
+        if length <= space + 1 - pos or pos + length > end or data[pos + length - 1] != 0x0A:
+            raise ValueError(f"record length {length} at offset {pos} does not fit the {end}-byte header")
+        key, eq, value = data[space + 1:pos + length - 1].partition(b"=")
+        if not eq:
+            raise ValueError(f"record without '=' at offset {pos}")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
+
+
+_CHUNK = 1 << 24  # larger members are read in pieces: a corrupt size never allocates beyond the data
+
+
+def _read_body(read, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        part = read(min(left, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def iter_members(read, head: bytes = b"", url: str | None = None):
@@ -88,11 +123,14 @@ def iter_members(read, head: bytes = b"", url: str | None = None):
             raise TarFormatError(f"malformed header ({exc})") from None
         kind = hdr[156]
         if "size" in pax:
-            size = int(pax["size"])
+            text = pax["size"]
+            if not (text.isascii() and text.isdigit()):
+                raise TarFormatError(f"malformed pax size {text[:40]!r}")
+            size = int(text)
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        body = read(padded)
-        if len(body) < size:
-            raise TarFormatError(f"truncated member data ({len(body)} of {size} bytes)")
+        body = read(padded) if padded <= _CHUNK else _read_body(read, padded)
+        if len(body) < padded:  # writers always pad: a cut inside the padding is a cut too
+            raise TarFormatError(f"truncated member data ({len(body)} of {size} bytes and padding)")
         data = body if padded == size else body[:size]
         if kind in _REGULAR:
             if long_name is not None:
@@ -121,20 +159,23 @@ def seek_to_sample(f, n: int) -> bool:
 
     Seeking over member data instead of reading it is what makes random start offsets and resume
     skips cheap. Returns False on anything but plain regular-file headers (pax, GNU long names,
-    ...): the caller then reads past the samples instead. Past the last sample it stops at the
-    end of the archive (the reader then sees no samples).
+    ...) and on a file cut short: the caller then reads past the samples instead (and meets any
+    damage there). Past the last sample it stops at the end of the archive (the reader then sees
+    no samples).
     """
     count, last = 0, None
     while True:
         pos = f.tell()
         hdr = f.read(BLOCK)
+        if len(hdr) < BLOCK and (hdr or f.seek(0, 2) < pos):
+            return False  # cut inside a header or a member seeked over: reading past reports it
         if len(hdr) < BLOCK or hdr.count(0) == BLOCK:
             f.seek(pos)
             return True
         try:
             if hdr[156] not in (ord("0"), 0) or hdr[124] & 0x80 or not checksum_ok(hdr):
                 return False
-            size = _number(hdr[124:136])
+            size = _number(hdr[124:136])  # never negative: each step moves forward
         except ValueError:
             return False
         name = _header_name(hdr)

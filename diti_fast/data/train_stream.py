@@ -76,7 +76,7 @@ class _VirtualStream:
                 skip = int(self.rng.integers(spec.counts[shard]))
             first = False
             good = 0
-            read = ShardRead(spec.urls[shard], self.stats, skip=skip)
+            read = ShardRead(spec.urls[shard], self.stats, skip=skip, limits=spec.limits)
             base = None if starts is None else starts[shard] + skip
             for i, sample in enumerate(read):
                 sample["__pos__"] = -1 if base is None else base + i  # storage position, for foreign keys

@@ -31,7 +31,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         # (minutes on a small machine); it only serves inference_all_reduce, which training never
         # calls. DeepSpeed keeps its op-compatibility table in one module-level dict, so marking
         # the op unavailable skips the build.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_shm_build(deepspeed)
     backend = "nccl" if use_cuda else "gloo"
     if "RANK" not in os.environ and not dist.is_initialized():
         # Plain `python train.py`: a one-process group of our own. Not through environment
@@ -41,6 +41,16 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an existing group
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def skip_shm_build(deepspeed) -> None:
+    """Mark DeepSpeed's shared-memory all-reduce op unavailable (its private op table)."""
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if not isinstance(table, dict) or "deepspeed_shm_comm" not in table:
+        from diti_fast.engine.elastic import internals_error
+        raise internals_error("deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']",
+                              "is missing (the CPU accelerator would JIT-build its shared-memory op)")
+    table["deepspeed_shm_comm"] = False
 
 
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:

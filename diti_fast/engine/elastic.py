@@ -19,6 +19,53 @@ import torch.distributed as dist
 
 FILE = "optimizer-full.pt"
 KEYS = ("exp_avg", "exp_avg_sq")
+TESTED = ">=0.19.8,<0.20"  # the DeepSpeed range pyproject.toml allows: the one these internals were checked on
+
+
+class DeepSpeedInternalsError(RuntimeError):
+    """The installed DeepSpeed lacks (or has reshaped) a private attribute the engine relies on."""
+
+
+def internals_error(name: str, detail: str) -> DeepSpeedInternalsError:
+    import deepspeed
+    return DeepSpeedInternalsError(
+        f"deepspeed {deepspeed.__version__}: private attribute {name} {detail}; diti-fast reads it to save and "
+        f"resume the optimiser state and was tested with deepspeed{TESTED} (install a version in that range)")
+
+
+def check_internals(engine) -> None:
+    """Every private piece of DeepSpeed's ZeRO 1/2 optimiser used below, checked once after
+    ``deepspeed.initialize``: a DeepSpeed that changed them fails here, by name, not at resume."""
+    if not _zero(engine):
+        return
+    opt = engine.optimizer
+    groups = getattr(opt, "bit16_groups", None)
+    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+        raise internals_error("optimizer.bit16_groups", f"is {type(groups).__name__}, not a list of parameter lists")
+    for name in ("single_partition_of_fp32_groups", "real_dp_process_group"):
+        value = getattr(opt, name, None)
+        if not isinstance(value, list) or len(value) != len(groups):
+            raise internals_error(f"optimizer.{name}", f"is {type(value).__name__}, not a list of {len(groups)} "
+                                  "(one per parameter group)")
+    if not all(isinstance(t, torch.Tensor) for t in opt.single_partition_of_fp32_groups):
+        raise internals_error("optimizer.single_partition_of_fp32_groups", "does not hold tensors")
+    if not callable(getattr(opt, "_restore_from_bit16_weights", None)):
+        raise internals_error("optimizer._restore_from_bit16_weights()", "is missing")
+    if not isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        raise internals_error("optimizer.optimizer", "is not the wrapped torch optimiser")
+    for params in groups:
+        for p in params:
+            if not hasattr(p, "_hp_mapping"):
+                raise internals_error("param._hp_mapping", "is missing")
+            m = p._hp_mapping
+            if m is None:
+                continue  # no slice of this parameter on this rank
+            for name in ("lp_fragment_address.start", "lp_fragment_address.numel", "hp_fragment_address.start"):
+                obj = m
+                for part in name.split("."):
+                    obj = getattr(obj, part, None)
+                if not isinstance(obj, int):
+                    raise internals_error(f"param._hp_mapping.{name}", f"is {type(obj).__name__}, not an int")
 
 
 def _zero(engine) -> bool:

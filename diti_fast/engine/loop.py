@@ -42,6 +42,7 @@ from diti_fast.data.errors import DataError
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine import run_lock
 from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
+from diti_fast.engine.elastic import check_internals
 from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed_config, make_optimizer,
                                           setup_distributed)
 from diti_fast.engine.ema import EMA
@@ -171,6 +172,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     opt = make_optimizer([p for _, p in trainable], cfg, lr, device, capturable=plan.capture)
     import deepspeed
     engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=deepspeed_config(cfg, world))
+    check_internals(engine)  # a DeepSpeed whose private ZeRO state moved fails now, by name
     opt = base_optimizer(engine)
     if cfg.deepspeed.zero_stage == 0:
         objective.channels_last_weights()  # after DeepSpeed's start-up (see Objective)

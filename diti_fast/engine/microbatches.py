@@ -89,12 +89,14 @@ def shard_set(cfg: TrainConfig, size: int | None = None):
     from diti_fast.data.errors import DataError
     from diti_fast.data.loader import prepare_spec
     d = cfg.data
-    key = (repr(d.shards), d.verify, d.size_mismatch, d.resample, d.max_consecutive_skips, d.num_samples)
+    key = (repr(d.shards), d.verify, d.size_mismatch, d.resample, d.max_consecutive_skips, d.num_samples,
+           d.stream_timeout_s, d.stream_stall_s)
     if key not in _SHARD_SETS:
         try:
             spec = prepare_spec(list(d.shards) if isinstance(d.shards, list) else d.shards, verify=d.verify,
                                 size_mismatch=d.size_mismatch, resample=d.resample,
-                                max_consecutive_skips=d.max_consecutive_skips)
+                                max_consecutive_skips=d.max_consecutive_skips,
+                                stream_timeout_s=d.stream_timeout_s, stream_stall_s=d.stream_stall_s)
             n = spec.num_samples or d.num_samples or spec.with_counts().num_samples
         except (DataError, OSError, ValueError) as e:  # FileNotFoundError, DataFormatError, bad URL
             raise ConfigError(f"data.shards={d.shards}: {e}") from None

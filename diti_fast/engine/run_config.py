@@ -66,6 +66,10 @@ class DataSection:
     size_mismatch: Literal["resize", "skip", "error"] = "resize"
     resample: Literal["bicubic", "bilinear", "lanczos", "box", "nearest"] = "bicubic"
     max_consecutive_skips: int = 1000  # a stream this many samples in a row without a usable one stops
+    # An http(s) shard's download (curl) gives up after this many seconds in all, or after
+    # stream_stall_s below 1 KiB/s (a server that stalls without closing); the shard counts as bad.
+    stream_timeout_s: float = 3600.0
+    stream_stall_s: float = 60.0
     batch_size: int = 128          # GLOBAL batch per optimiser step (ranks × accumulation × micro)
     num_workers: int = 4
     hflip: bool = True
@@ -260,6 +264,9 @@ class TrainConfig:
             raise ConfigError(f"{w}.data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
         if self.data.num_samples < 0 or self.data.max_consecutive_skips < 1:
             raise ConfigError(f"{w}.data.num_samples must be >= 0 and data.max_consecutive_skips >= 1")
+        if not (self.data.stream_timeout_s > 0 and self.data.stream_stall_s > 0):
+            raise ConfigError(f"{w}.data.stream_timeout_s and data.stream_stall_s must be > 0 seconds, got "
+                              f"{self.data.stream_timeout_s} and {self.data.stream_stall_s}")
         if self.stage == "diti":
             if not self.init.ddpm:
                 raise ConfigError(f"{w}.init.ddpm is empty: stage 'diti' needs the frozen DDPM (a ddpm-stage "
@@ -472,9 +479,10 @@ def dump_yaml(cfg: TrainConfig, world_size: int | None = None) -> str:
 
 # Keys that may change between a run and its resumption: how long, how it logs, how it saves.
 # deepspeed.zero_stage: an elastic checkpoint (checkpoint.elastic) converts its optimiser state.
-RESUME_MUTABLE = ("preset", "run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers", "data.verify",
-                  "data.max_consecutive_skips", "log.", "checkpoint.", "debug.", "fast.compile", "fast.compile_mode",
-                  "fast.cuda_graph", "guard.", "init.ddpm", "deepspeed.zero_stage", "effective.")
+RESUME_MUTABLE = ("preset", "run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers",
+                  "data.verify", "data.max_consecutive_skips", "data.stream_timeout_s", "data.stream_stall_s", "log.",
+                  "checkpoint.", "debug.", "fast.compile", "fast.compile_mode", "fast.cuda_graph", "guard.", "init.ddpm",
+                  "deepspeed.zero_stage", "effective.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

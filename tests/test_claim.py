@@ -129,7 +129,7 @@ def _codes(values: np.ndarray, factors: list[int]) -> np.ndarray:
     return np.stack(cols, 1)
 
 
-def hand_built(layout: str, key: int = 0):
+def hand_built(layout: str, key: int = 0, ignore: tuple = ()):
     """An encoder that reads the factors off the image (nearest design image) and writes groups of
     them into stages: ``ordered`` fine -> stage 1, mark -> 2, coarse -> 3; ``reversed`` coarse -> 1,
     fine -> 3; ``permuted``: the three groups go to stages in an order drawn per image."""
@@ -145,7 +145,7 @@ def hand_built(layout: str, key: int = 0):
             order = {"ordered": [0, 1, 2], "reversed": [2, 1, 0],
                      "permuted": np.random.default_rng([key, int(k[i])]).permutation(3)}[layout]
             for g, stage in zip(groups, order):
-                c = _codes(v[i:i + 1], g)[0]
+                c = _codes(v[i:i + 1], [f for f in g if f not in ignore])[0] if set(g) - set(ignore) else []
                 z[i, starts[stage]:starts[stage] + len(c)] = c
         return z
     return encode
@@ -204,6 +204,15 @@ def test_a_failed_gate_makes_any_result_inconclusive(known):
     for name in ("ordered", "reversed"):
         d = SS.decide(_analyse(known, name), "diti", {"z_used": {"pass": False}, "ddpm": {"pass": True}})
         assert d["verdict"] == "inconclusive" and d["gates_failed"] == ["z_used"]
+
+
+def test_sensitivity_finds_a_factor_the_encoder_ignores(known):
+    v = S.draw_values(11, np.arange(120))
+    blind = SS.sensitivity(measure.stage_distances(hand_built("ordered", ignore=(NAMES.index("dot"),)), v, DIMS))
+    seen = SS.sensitivity(known["ordered"][0])
+    assert blind[NAMES.index("dot")] == 0 and seen[NAMES.index("dot")] > 0.05
+    others = [i for i in range(len(NAMES)) if i != NAMES.index("dot")]
+    assert (blind[others] > 0.05).all()
 
 
 def test_shares_and_centres_on_a_hand_computed_case():

@@ -233,6 +233,9 @@ def analysis(ctx: Context, design: dict, ddpm_gate: dict, measured: dict) -> dic
                      resamples=ctx.plan.bootstrap, seed=0,
                      crossover=(names.index("brightness"), names.index("stripes")))
     increases = {arm_name(a, s): measured[(a, s)][0]["losses"]["shuffle_increase"] for a in ctx.plan.arms for s in seeds}
+    sens = {arm_name(a, s): dict(zip(names, SS.sensitivity(measured[(a, s)][1]).tolist()))
+            for a in ctx.plan.arms for s in seeds}
+    in_metric = [names[i] for i in fine + coarse]
     gates = {
         "ddpm_denoiser": {"pass": ddpm_gate["denoiser"]["pass"],
                           "rule": f"per 100-step t-bucket below 500: DDPM ε-MSE − exact posterior-mean ε-MSE "
@@ -245,6 +248,10 @@ def analysis(ctx: Context, design: dict, ddpm_gate: dict, measured: dict) -> dic
         "z_used": {"pass": all(v >= ctx.plan.z_gate for v in increases.values()),
                    "rule": f"shuffling z across held-out images raises every arm run's loss by >= {ctx.plan.z_gate:.0%}",
                    "increase": increases},
+        "factors_in_z": {"pass": all(v[n] >= ctx.plan.min_sensitivity for v in sens.values() for n in in_metric),
+                         "rule": f"every fine and coarse factor moves z: E‖z(x) − z(x^f)‖² >= "
+                                 f"{ctx.plan.min_sensitivity:g} x E‖z(x) − z(y)‖², in every arm run",
+                         "sensitivity": sens},
     }
     verdicts = {a: SS.decide(res, a, gates, BASELINE) for a in ctx.plan.arms if a != BASELINE}
     follows = {a: SS.order_follows(res, a) for a in verdicts}

@@ -19,8 +19,8 @@ class Plan:
     test_images: int = 1024         # images of the stage-share metric (their own seed)
     heldout_images: int = 2048      # images of the loss gates (another seed)
     batch_size: int = 64
-    ddpm_minutes: float = 20.0
-    arm_minutes: float = 5.5
+    ddpm_minutes: float = 28.0
+    arm_minutes: float = 7.0
     ddpm_images: int = 0            # > 0: train this many images instead of ddpm_minutes (smoke)
     arm_images: int = 0             # > 0: likewise for every arm run
     ddpm_lr: float = 5e-4
@@ -37,6 +37,10 @@ class Plan:
     sample_min_valid: float = 0.8
     # Gate 2, z is used: shuffling z across held-out images raises each arm run's loss by this much.
     z_gate: float = 0.10
+    # Gate 3, the factors are in z: a factor the encoder ignores has no place in it, so its stage
+    # shares would be noise. Every factor of the metric must move z by this fraction of what another
+    # image does (stage_share.sensitivity), in every arm run.
+    min_sensitivity: float = 0.01
     bootstrap: int = 2000
     checkpoint_every: int = 500
 

@@ -119,7 +119,9 @@ def write_markdown(result: dict, path: Path) -> None:
     for k, g in gates.items():
         val = {"ddpm_denoiser": lambda: ", ".join(f"{e:.4f}" for e in g["excess"]),
                "ddpm_samples": lambda: f"{g['valid_fraction']:.2f} valid",
-               "z_used": lambda: ", ".join(f"{n} +{v:.1%}" for n, v in g["increase"].items())}[k]()
+               "z_used": lambda: ", ".join(f"{n} +{v:.1%}" for n, v in g["increase"].items()),
+               "factors_in_z": lambda: "lowest: " + ", ".join(
+                   f"{n} {min(v, key=v.get)} {min(v.values()):.4f}" for n, v in g["sensitivity"].items())}[k]()
         L.append(f"| {k} | {g['rule']} | {'pass' if g['pass'] else '**fail**'}: {val} |")
     arms_len = next(iter(result["arms"].values()))
     L += ["", f"Arm runs: {len(result['arms'])} ({', '.join(result['arms'])}), "
@@ -151,6 +153,12 @@ def write_markdown(result: dict, path: Path) -> None:
         if x:
             L.append(f"  - crossover (stripes vs brightness, DiTi − PDAE): {x['point']:+.3f} {_ci(x['ci'])}: "
                      f"the order follows {result['order_follows'][a]}")
+    L += ["", "Sensitivity E‖z(x) − z(x^f)‖² / E‖z(x) − z(y)‖² (gate 3), mean over seeds:", "",
+          "| factor | " + " | ".join(ss["centres"]) + " |", "|---|" + "---|" * len(ss["centres"])]
+    sens = gates["factors_in_z"]["sensitivity"]
+    for n in names:
+        L.append(f"| {n} | " + " | ".join(
+            f"{np.mean([v[n] for k, v in sens.items() if k.startswith(a + '-s')]):.4f}" for a in ss["centres"]) + " |")
     L += ["", "## Secondary", "", "Held-out weighted loss (own z / z shuffled / stage 1 shuffled / stage 2 / stage 3 "
           "/ DDPM alone):", ""]
     for n, m in result["measured"].items():

@@ -67,6 +67,12 @@ def centres(p: np.ndarray) -> np.ndarray:
     return p @ np.arange(1, p.shape[1] + 1, dtype=np.float64)
 
 
+def sensitivity(d: Distances) -> np.ndarray:
+    """F: how far redrawing f moves the whole z, E‖z(x) − z(x^f)‖² / E‖z(x) − z(y)‖². A factor the
+    encoder ignores has ~0 here, and its stage shares are then about noise, not about where it lives."""
+    return d.to_factor.sum(2).mean(0) / max(float(d.to_other.sum(1).mean()), 1e-30)
+
+
 def contrast(c: np.ndarray, fine: list[int], coarse: list[int]) -> float:
     return float(np.mean(c[coarse]) - np.mean(c[fine]))
 

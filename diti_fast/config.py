@@ -250,7 +250,7 @@ class MaskConfig:
                               f"not latent_dim={latent_dim}")
 
 
-ENCODERS = ("celeba64", "ffhq128", "bedroom128", "shapes32")
+ENCODERS = ("celeba64", "ffhq128", "bedroom128", "shapes32", "staged16")
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""The claim run (``make claim``): does DiTi put fine factors in early chunks and coarse ones in late
-chunks, where the PDAE baseline shows no such order? Synthetic shards with known factors -> a DDPM
-trained until its samples are recognisable -> DiTi (base) and PDAE on the same frozen DDPM for the
-same images -> per-chunk attribution with bootstrap intervals and several probe seeds ->
-counterfactual grids -> JSON, plots and a reading under benchmarks/results/claim/.
+"""The claim experiment (``make claim``): does DiTi write the factors that diffusion destroys early into
+the latent dims that early time-steps unlock, where the PDAE baseline shows no such order?
 
-Modules: ``plan`` (phase sizes, calibrated), ``pipeline`` (the resumable phases), ``judge`` (are DDPM
-samples recognisable?), ``attribution`` (probes, bootstrap, onsets), ``reading`` (plots, markdown),
+16-px data whose factors die at designed noise levels -> a DDPM gated against the exact posterior-mean
+denoiser -> DiTi base, DiTi stop_grad and PDAE, two seeds each, on that one frozen DDPM -> the
+interventional stage share with paired bootstrap intervals -> a verdict under a rule fixed in code.
+
+Modules: ``plan`` (sizes and thresholds), ``bayes`` (exact posterior on the design), ``speed`` (the
+fastest CPU path), ``pipeline`` (the resumable phases), ``measure`` (what is measured on trained
+models), ``stage_share`` (the metric and the decision rule), ``report`` (plots, markdown),
 ``__main__`` (the command).
 """

@@ -1,11 +1,12 @@
-"""The claim run's phases, each skipped when its outputs exist (so an interrupted run resumes).
+"""The claim run's phases, each skipped when its output exists (so an interrupted run resumes).
 
-    shards -> ddpm (+ recognisability checks) -> diti, pdae (same frozen DDPM, same images)
-           -> attribution (probes x seeds, bootstrap) -> grids (counterfactuals) -> report
+    data -> design (exact Bayes lost-t table) -> probe (fastest CPU path) -> ddpm -> gate 1 (DDPM)
+         -> arms x seeds (DiTi base, DiTi stop_grad, PDAE; one frozen DDPM) -> measure (gate 2, stage
+         distances, held-out losses, probes) -> analysis (stage share, intervals, verdict)
 
-Work directory (``--work``, default runs/claim or runs/claim-smoke): data/, judge/, ddpm/, diti/, pdae/
-(run directories: the engine resumes them from their checkpoints), attribution/, grids/. The committed
-results (``--results``) are written by the report phase from what those hold.
+Work directory (``--work``, default runs/claim or runs/claim-smoke): data/, design.json, probe.json,
+ddpm/ (a run directory: the engine resumes it from its checkpoints), ddpm_gate.json, one run
+directory per arm and seed (``diti-s0``, ...), measure/.
 """
 from __future__ import annotations
 
@@ -17,10 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards import synthetic_staged as S
+from data_shards.synthetic_staged import make_staged_shards
+
+from ..engine.loop import train
+from ..engine.run_config import load_config
+from ..eval.features import load_run
+from ..eval.report import jsonable
 from ..files import write_text_atomic
+from . import bayes, measure, speed
+from . import stage_share as SS
 from .plan import Plan
 
-ENCODERS = ("diti", "pdae")
+PRESET = "claim16"
+ARM_MODES = {"diti": "base", "diti_stopgrad": "stop_grad", "pdae": "pdae"}
+PRIMARY, BASELINE = "diti", "pdae"
+TEST_SEED, HELDOUT_SEED = 101, 102
 
 
 def log(msg: str) -> None:
@@ -28,9 +41,8 @@ def log(msg: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    from ..eval.report import jsonable
     path.parent.mkdir(parents=True, exist_ok=True)
-    # atomic: a phase's marker file exists only when the phase finished
+    # atomic: a phase's output exists only when the phase finished
     write_text_atomic(path, json.dumps(jsonable(obj), indent=1))
 
 
@@ -43,271 +55,28 @@ class Context:
     plan: Plan
     work: Path
     threads: int = 0
-    device: str = "cpu"
     timings: dict = field(default_factory=dict)
+    _design: bayes.Design | None = None
 
     @property
-    def train_shards(self) -> Path:
+    def shards(self) -> Path:
         return self.work / "data" / "train"
-
-    @property
-    def eval_shards(self) -> Path:
-        return self.work / "data" / "eval"
 
     def run_dir(self, name: str) -> Path:
         return self.work / name
 
+    @property
+    def design(self) -> bayes.Design:
+        if self._design is None:
+            self._design = bayes.Design()
+        return self._design
 
-# ----------------------------------------------------------------------------------------- shards
+    @property
+    def dims_per_stage(self) -> tuple[int, ...]:
+        return tuple(load_config(PRESET, []).model.masks.dims_per_stage)
 
-def phase_shards(ctx: Context) -> dict:
-    from data_shards.synthetic import make_synthetic_shards
-    from data_shards.synthetic_clear import factor_deltas
-    from ..diffusion import make_schedule
-    from ..config import DiffusionConfig
-    from .attribution import survival_t
-    p = ctx.plan
-    for out, num, seed in ((ctx.train_shards, p.train_samples, 0), (ctx.eval_shards, p.eval_samples, 1)):
-        if not (out / "manifest.json").is_file():
-            log(f"making {num} synthetic 32x32 samples (clear variant, seed {seed}) in {out}")
-            make_synthetic_shards(out, num, image_size=32, seed=seed, maxcount=2000, workers=1, variant="clear")
-    path = ctx.work / "data" / "factors.json"
-    if not path.is_file():
-        deltas = factor_deltas(256, 32)
-        ac = make_schedule(DiffusionConfig()).alphas_cumprod.double().numpy()
-        write_json(path, {name: {"delta_l2_median": float(np.median(d)), "delta_l2_p10": float(np.percentile(d, 10)),
-                                 "delta_l2_p90": float(np.percentile(d, 90)),
-                                 "bayes_survival_t_median": survival_t(float(np.median(d)), ac)}
-                          for name, d in deltas.items()})
-    return read_json(path)
-
-
-# ----------------------------------------------------------------------------------------- training
-
-def _train(ctx: Context, name: str, overrides: list[str]):
-    from ..engine.loop import train
-    from ..engine.run_config import load_config
-    p = ctx.plan
-    cfg = load_config("shapes32", [f"data.shards={ctx.train_shards}", f"run.dir={ctx.run_dir(name)}",
-                                   f"run.device={ctx.device}", f"run.threads={ctx.threads}",
-                                   f"data.batch_size={p.batch_size}", "data.num_workers=1",
-                                   f"checkpoint.every={p.checkpoint_every}", "log.progress=false",
-                                   "log.every=10", "log.tensorboard=false"] + overrides)
-    res = train(cfg)
-    if res.status != "done":
-        raise RuntimeError(f"{name}: training stopped early ({res.status}) at step {res.step}; rerun to resume")
-    return res
-
-
-def _judge(ctx: Context):
-    """The recognisability judge, trained once on real held-out images (cached weights)."""
-    from ..eval.features import iter_batches
-    from ..data import to_model_input
-    from . import judge as J
-    from data_shards.synthetic_clear import COLOURS, SHAPES
-    classes = {"colour": len(COLOURS), "shape": len(SHAPES)}
-    path = ctx.work / "judge" / "judge.pt"
-    xs, ys = [], []
-    for _, imgs, attrs in iter_batches(ctx.eval_shards, 256):
-        xs.append(to_model_input(imgs, "cpu"))
-        ys.append(attrs)
-    x, y = torch.cat(xs), np.concatenate(ys)
-    names = [a["name"] for a in json.loads((ctx.eval_shards / "manifest.json").read_text())["attributes"]]
-    labels = {k: np.rint(y[:, names.index(k)]).astype(np.int64) for k in classes}
-    n = min(ctx.plan.judge_train, len(x) * 4 // 5)
-    held = slice(n, None)  # judged as "real" images: never seen by the judge
-    if path.is_file():
-        judge = J.Judge(classes)
-        judge.load_state_dict(torch.load(path, weights_only=True))
-        judge.eval()
-    else:
-        judge = J.train_judge(x[:n], {k: v[:n] for k, v in labels.items()}, classes, ctx.plan.judge_epochs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(judge.state_dict(), path)
-    real = J.judge_images(judge, x[held])
-    real["accuracy"] = J.accuracy(real, {k: v[held] for k, v in labels.items()})
-    # The floor: what the judge says of junk it must not accept (Gaussian noise, the size of the samples).
-    g = torch.Generator().manual_seed(1)
-    real["noise_confident_fraction"] = J.judge_images(
-        judge, torch.randn((ctx.plan.judge_samples, 3, 32, 32), generator=g).clamp(-1, 1))["confident_fraction"]
-    return judge, real
-
-
-def _recognisability(ctx: Context, judge, real: dict, images: int) -> dict:
-    from ..eval.features import load_run
-    from ..eval.grids import save_grid
-    from ..eval.sample import ddpm_samples
-    from . import judge as J
-    ex = load_run(ctx.run_dir("ddpm"), "cpu", stage="ddpm")
-    p = ctx.plan
-    x = ddpm_samples(ex, p.judge_samples, p.sample_steps, seed=0, image_size=32)
-    res = J.judge_images(judge, x)
-    ratio = res["confident_fraction"] / max(real["confident_fraction"], 1e-9)
-    ncol = 8
-    rows = max(1, min(4, len(x) // ncol))
-    save_grid(ctx.run_dir("ddpm") / f"samples-{images:08d}.png", x[:rows * ncol].reshape(rows, ncol, *x.shape[1:]),
-              title=f"DDPM after {images} images, {p.sample_steps} DDIM steps")
-    return {"images": images, "sample_steps": p.sample_steps, "samples": res, "real": real,
-            "ratio_to_real": ratio, "recognisable": ratio >= p.recognisable}
-
-
-def phase_ddpm(ctx: Context) -> dict:
-    """Train in ``ddpm_checks`` segments; after each, judge the samples; stop once they are recognisable."""
-    p = ctx.plan
-    done = ctx.run_dir("ddpm") / "ddpm_phase.json"
-    if done.is_file():
-        return read_json(done)
-    judge, real = _judge(ctx)
-    log(f"judge on real held-out images: accuracy {real['accuracy']}, confident fraction "
-        f"{real['confident_fraction']:.3f}")
-    checks = []
-    for k in range(1, p.ddpm_checks + 1):
-        target = max(p.batch_size, (p.ddpm_images * k // p.ddpm_checks) // p.batch_size * p.batch_size)
-        marker = ctx.run_dir("ddpm") / f"check-{target:08d}.json"
-        if marker.is_file():
-            check = read_json(marker)
-        else:
-            log(f"ddpm: training to {target} images (check {k}/{p.ddpm_checks})")
-            _train(ctx, "ddpm", ["stage=ddpm", f"run.max_images={target}", f"optim.lr={p.ddpm_lr}"])
-            check = _recognisability(ctx, judge, real, target)
-            write_json(marker, check)
-        log(f"ddpm at {target} images: confident fraction of samples {check['samples']['confident_fraction']:.3f} "
-            f"({check['ratio_to_real']:.2f} of real images' {real['confident_fraction']:.3f})")
-        checks.append(check)
-        if check["recognisable"]:
-            break
-    out = {"checks": checks, "images": checks[-1]["images"], "recognisable": checks[-1]["recognisable"],
-           "criterion": f"confident fraction (colour and shape both >= {checks[-1]['samples']['threshold']}) of "
-                        f"{p.judge_samples} samples >= {p.recognisable} x that of real held-out images"}
-    write_json(done, out)
-    return out
-
-
-def phase_encoder(ctx: Context, name: str) -> dict:
-    from ..weights import export_path
-    p = ctx.plan
-    mode = {"diti": "base", "pdae": "pdae"}[name]
-    if not export_path(ctx.run_dir(name)).is_file():
-        log(f"{name}: diti.mode={mode}, {p.diti_images} images on the frozen DDPM")
-        _train(ctx, name, [f"init.ddpm={ctx.run_dir('ddpm')}", f"diti.mode={mode}",
-                           f"run.max_images={p.diti_images}", f"optim.lr={p.diti_lr}"])
-    recs = [json.loads(line) for line in (ctx.run_dir(name) / "metrics.jsonl").read_text().splitlines() if line]
-    last = recs[-1]
-    # How much the shift decoder has learnt: its output conv starts at zero, so the first records'
-    # loss is the frozen DDPM's own (weighted) error; a small drop means z is still barely used.
-    k = max(1, len(recs) // 10)
-    first_tenth = float(np.mean([r["loss"] for r in recs[:k]]))
-    last_tenth = float(np.mean([r["loss"] for r in recs[-k:]]))
-    return {"mode": mode, "images": p.diti_images, "last_loss": last["loss"], "last_loss_t": last["loss_t"],
-            "loss_first_tenth": first_tenth, "loss_last_tenth": last_tenth,
-            "loss_drop_fraction": 1.0 - last_tenth / first_tenth}
-
-
-# ----------------------------------------------------------------------------------------- attribution
-
-def phase_attribution(ctx: Context, name: str) -> dict:
-    from ..eval.chunks import chunk_groups
-    from ..eval.features import cached_features, load_run, make_splits
-    from ..eval.probe import ProbeConfig, specs_from_manifest
-    from . import attribution as A
-    out = ctx.work / "attribution" / f"{name}.json"
-    if out.is_file():
-        return read_json(out)
-    p = ctx.plan
-    ex = load_run(ctx.run_dir(name), "cpu")
-    fs = cached_features(ctx.run_dir(name), ctx.eval_shards, ex.encoder, "cpu", max_samples=p.probe_samples, log=log)
-    sp = make_splits(fs)
-    specs = specs_from_manifest(fs.attributes)
-    groups = chunk_groups(ex.model_cfg)
-    cfg = ProbeConfig(epochs=p.probe_epochs, lr=1e-2, standardize=True)
-    log(f"{name}: probes over {len(groups)} groups x 3 (alone, prefix, random) x seeds {list(p.probe_seeds)}")
-    runs = A.run_probes(*[(s.z, s.attrs) for s in (sp.train, sp.val, sp.test)], specs, groups, p.probe_seeds, cfg,
-                        log=log)
-    boot = A.bootstrap_skills(runs, p.bootstrap)
-    summary = A.summarise(runs, boot)
-    summary.update(split=sp.description, sizes={"train": len(sp.train), "val": len(sp.val), "test": len(sp.test)},
-                   probe=cfg.__dict__, point=runs.point)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out.with_suffix(".skills.npy"), boot)  # [seed, resample, mode, attribute, group]
-    write_json(out, summary)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------- grids
-
-def _pairs(attrs: np.ndarray, positions: np.ndarray, cols: list[int], n: int) -> list[tuple[int, int]]:
-    """``n`` disjoint test pairs, each differing in every judged attribute where possible (greedy)."""
-    free = list(range(len(positions)))
-    pairs = []
-    while len(pairs) < n and len(free) >= 2:
-        a = free.pop(0)
-        diff = [(int((attrs[a, cols] != attrs[b, cols]).sum()), -j) for j, b in enumerate(free)]
-        j = -max(diff)[1]
-        pairs.append((int(positions[a]), int(positions[free.pop(j)])))
-    return pairs
-
-
-def phase_grids(ctx: Context, name: str, judge=None) -> dict:
-    """Counterfactuals with A's own inverted x_T: one row per stage, A's z with that stage's dims taken
-    from B. Numbers over several pairs: how often the judged colour / shape of the decode becomes B's."""
-    from ..eval.chunks import chunk_groups
-    from ..eval.counterfactual import Sampler, swap_chunks
-    from ..eval.features import load_images, load_run, cached_features, make_splits
-    from ..eval.grids import save_grid
-    from ..sampling import masked_ddim
-    from . import judge as J
-    out = ctx.work / "grids" / f"{name}.json"
-    if out.is_file():
-        return read_json(out)
-    p = ctx.plan
-    ex = load_run(ctx.run_dir(name), "cpu")
-    sampler = Sampler(ex, "cpu")
-    # PDAE was trained on the whole z: decode it unmasked, as it was trained.
-    masks = None if name == "pdae" else sampler.masks
-    groups = chunk_groups(ex.model_cfg)
-    sp = make_splits(cached_features(ctx.run_dir(name), ctx.eval_shards, ex.encoder, "cpu",
-                                     max_samples=p.probe_samples, log=log))
-    names = [a["name"] for a in sp.test.attributes]
-    cols = [names.index("colour"), names.index("shape")]
-    pairs = _pairs(sp.test.attrs[:64], sp.test.position[:64], cols, p.grid_pairs)
-    if judge is None:
-        judge, _ = _judge(ctx)
-    rows_all, stats = [], {g.name: {"colour_became_B": [], "shape_became_B": [], "pixel_change": []} for g in groups}
-    for pi, (pa, pb) in enumerate(pairs):
-        x = load_images(ctx.eval_shards, [pa, pb], "cpu")
-        z = sampler.encode(x)
-        xT = masked_ddim(ex.decoder, x, z, sampler.sched, masks, steps=p.invert_steps, inverse=True)
-        alphas = p.alphas if pi == 0 else (0.0, 1.0)
-        # α = 0 is A's own reconstruction in every row: decoded once.
-        zs = [z[:1]] + [swap_chunks(z[:1], z[1:], g.dim_lo, g.dim_hi, al) for g in groups for al in alphas if al]
-        zc = torch.cat(zs)
-        flat = torch.cat([masked_ddim(ex.decoder, xT[:1].expand(len(zc[i:i + 32]), -1, -1, -1), zc[i:i + 32],
-                                      sampler.sched, masks, steps=p.decode_steps) for i in range(0, len(zc), 32)])
-        cell = iter(range(1, len(flat)))
-        dec = torch.stack([torch.stack([flat[0] if al == 0 else flat[next(cell)] for al in alphas]) for _ in groups])
-        jr = J.judge_images(judge, torch.cat([x, dec[:, -1]]))
-        for gi, g in enumerate(groups):
-            for head, key in (("colour", "colour_became_B"), ("shape", "shape_became_B")):
-                pa_, pb_, pd = jr[head]["pred"][0], jr[head]["pred"][1], jr[head]["pred"][2 + gi]
-                if pa_ != pb_:
-                    stats[g.name][key].append(float(pd == pb_))
-            stats[g.name]["pixel_change"].append(float((dec[gi, -1] - dec[gi, 0]).abs().mean()))
-        if pi == 0:
-            rows_all = (torch.cat([x[:1].expand(len(groups), -1, -1, -1)[:, None], dec,
-                                   x[1:].expand(len(groups), -1, -1, -1)[:, None]], 1), alphas, pa, pb)
-    imgs, alphas, pa, pb = rows_all
-    ctx_dir = ctx.work / "grids"
-    ctx_dir.mkdir(parents=True, exist_ok=True)
-    save_grid(ctx_dir / f"counterfactuals_{name}.png", imgs,
-              [f"{g.name} z[{g.dim_lo}:{g.dim_hi}]" for g in groups],
-              ["A"] + [f"α={a:g}" for a in alphas] + ["B"],
-              title=f"{name}: A=#{pa} takes stage dims from B=#{pb}; A's x_T; {p.invert_steps}/{p.decode_steps} DDIM")
-    res = {"pairs": pairs, "invert_steps": p.invert_steps, "decode_steps": p.decode_steps,
-           "decoded_with_masks": masks is not None,
-           "per_group": {g: {k: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for k, v in s.items()}
-                         for g, s in stats.items()}}
-    write_json(out, res)
-    return res
+    def values(self, seed: int, n: int) -> np.ndarray:
+        return S.draw_values(seed, np.arange(n))
 
 
 def timed(ctx: Context, key: str, fn, *args, **kw):
@@ -315,3 +84,176 @@ def timed(ctx: Context, key: str, fn, *args, **kw):
     r = fn(*args, **kw)
     ctx.timings[key] = round(time.perf_counter() - t, 2)
     return r
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def phase_data(ctx: Context) -> dict:
+    if not (ctx.shards / "manifest.json").is_file():
+        log(f"making {ctx.plan.train_samples} staged 16x16 samples (seed 0) in {ctx.shards}")
+        make_staged_shards(ctx.shards, ctx.plan.train_samples, seed=0)
+    m = read_json(ctx.shards / "manifest.json")
+    return {"train_samples": m["num_samples"], "combinations": S.NUM_COMBINATIONS,
+            "factors": [a["name"] for a in S.ATTRIBUTES]}
+
+
+def phase_design(ctx: Context) -> dict:
+    path = ctx.work / "design.json"
+    if not path.is_file():
+        log(f"exact Bayes: where each factor is lost ({ctx.plan.design_images} images, t every 10 steps)")
+        write_json(path, bayes.design_table(ctx.design, n_images=ctx.plan.design_images))
+    return read_json(path)
+
+
+def phase_probe(ctx: Context) -> dict:
+    path = ctx.work / "probe.json"
+    if not path.is_file():
+        if ctx.plan.probe:
+            cfg = load_config(PRESET, [])
+            res = speed.choose(cfg.model, ctx.plan.batch_size, ctx.plan.arm_minutes * 60, log=log)
+        else:
+            row = {"precision": "fp32", "channels_last": False, "compile": False}
+            res = {"candidates": [], "chosen": row, "note": "not probed (smoke plan)"}
+        write_json(path, res)
+    res = read_json(path)
+    c = res["chosen"]
+    log(f"training path: {c['precision']}, channels_last={c['channels_last']}, compile={c['compile']}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------- training
+
+def _train(ctx: Context, name: str, choice: dict, images: int, minutes: float, overrides: list[str]) -> dict:
+    """One engine run, by images (``images`` > 0) or by wall clock (``minutes``)."""
+    p = ctx.plan
+    length = ([f"run.max_images={images}"] if images else
+              [f"run.max_images={10 ** 9}", f"run.time_limit_minutes={minutes}"])
+    cfg = load_config(PRESET, [f"data.shards={ctx.shards}", f"run.dir={ctx.run_dir(name)}", "run.device=cpu",
+                               f"run.threads={ctx.threads}", f"data.batch_size={p.batch_size}",
+                               "data.num_workers=1", f"checkpoint.every={p.checkpoint_every}",
+                               "log.progress=false", "log.tensorboard=false"]
+                      + speed.overrides(choice) + length + overrides)
+    t0 = time.perf_counter()
+    res = train(cfg)
+    if res.status not in ("done", "time_limit"):
+        raise RuntimeError(f"{name}: training stopped early ({res.status}) at step {res.step}; rerun to resume")
+    recs = [json.loads(x) for x in (ctx.run_dir(name) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    k = max(1, len(recs) // 10)
+    return {"images": res.step * p.batch_size, "steps": res.step, "status": res.status,
+            "seconds_this_launch": round(time.perf_counter() - t0, 1),
+            "images_per_s_last": recs[-1].get("images_per_s") if recs else None,
+            "loss_first_tenth": float(np.mean([r["loss"] for r in recs[:k]])) if recs else None,
+            "loss_last_tenth": float(np.mean([r["loss"] for r in recs[-k:]])) if recs else None,
+            "loss_t_last": recs[-1].get("loss_t") if recs else None}
+
+
+def phase_ddpm(ctx: Context, choice: dict) -> dict:
+    path = ctx.run_dir("ddpm") / "ddpm_phase.json"
+    if not path.is_file():
+        p = ctx.plan
+        log(f"ddpm: {'%d images' % p.ddpm_images if p.ddpm_images else '%g min' % p.ddpm_minutes}")
+        write_json(path, _train(ctx, "ddpm", choice, p.ddpm_images, p.ddpm_minutes,
+                                ["stage=ddpm", f"optim.lr={p.ddpm_lr}"]))
+    return read_json(path)
+
+
+def arm_name(arm: str, seed: int) -> str:
+    return f"{arm}-s{seed}"
+
+
+def phase_arm(ctx: Context, arm: str, seed: int, choice: dict, images: int) -> dict:
+    path = ctx.run_dir(arm_name(arm, seed)) / "arm_phase.json"
+    if not path.is_file():
+        p = ctx.plan
+        log(f"{arm_name(arm, seed)}: diti.mode={ARM_MODES[arm]}, "
+            f"{'%d images' % images if images else '%g min' % p.arm_minutes}")
+        write_json(path, _train(ctx, arm_name(arm, seed), choice, images, p.arm_minutes,
+                                [f"init.ddpm={ctx.run_dir('ddpm')}", f"diti.mode={ARM_MODES[arm]}",
+                                 f"run.seed={seed}", f"optim.lr={p.diti_lr}"]))
+    return read_json(path)
+
+
+# ----------------------------------------------------------------------------------------- gates
+
+def phase_ddpm_gate(ctx: Context) -> dict:
+    path = ctx.work / "ddpm_gate.json"
+    if not path.is_file():
+        p = ctx.plan
+        ex = load_run(ctx.run_dir("ddpm"), "cpu", stage="ddpm")
+        cmp = measure.ddpm_vs_bayes(ex.unet, ctx.design, ctx.values(HELDOUT_SEED, p.heldout_images), seed=HELDOUT_SEED)
+        below = [i for i, lo in enumerate(cmp["bucket_edges"][:-1]) if lo < 500]
+        excess = [cmp["ddpm"][i] - cmp["bayes"][i] for i in below]
+        samples = measure.sample_validity(ex, ctx.design, p.sample_count, p.sample_steps, p.sample_max_rms)
+        imgs = samples.pop("images")
+        from ..eval.grids import save_grid
+        ncol = min(8, len(imgs))
+        rows = max(1, min(4, len(imgs) // ncol))
+        save_grid(ctx.work / "ddpm_samples.png", imgs[:rows * ncol].reshape(rows, ncol, *imgs.shape[1:]),
+                  title=f"DDPM samples, {p.sample_steps} DDIM steps")
+        write_json(path, {
+            "denoiser": {**cmp, "excess_below_500": excess, "margin": p.ddpm_excess,
+                         "pass": all(e <= p.ddpm_excess for e in excess)},
+            "samples": {**samples, "min_valid": p.sample_min_valid,
+                        "pass": samples["valid_fraction"] >= p.sample_min_valid}})
+    return read_json(path)
+
+
+def phase_measure(ctx: Context, arm: str, seed: int) -> tuple[dict, SS.Distances]:
+    name = arm_name(arm, seed)
+    out = ctx.work / "measure" / f"{name}.json"
+    npz = out.with_suffix(".npz")
+    if not out.is_file():
+        p = ctx.plan
+        ex = load_run(ctx.run_dir(name), "cpu")
+        losses = measure.heldout_losses(ex, ctx.values(HELDOUT_SEED, p.heldout_images), ARM_MODES[arm],
+                                        ctx.dims_per_stage, seed=HELDOUT_SEED)
+        values = ctx.values(TEST_SEED, p.test_images)
+        d = measure.stage_distances(lambda x: measure.encode(ex.encoder, x), values, ctx.dims_per_stage,
+                                    seed=TEST_SEED)
+        probes = measure.probe_skills(measure.encode(ex.encoder, measure.images(values)), values,
+                                      ctx.dims_per_stage, seed=TEST_SEED)
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(npz, to_factor=d.to_factor, to_other=d.to_other)
+        write_json(out, {"losses": losses, "probes": probes})
+    f = np.load(npz)
+    return read_json(out), SS.Distances(f["to_factor"], f["to_other"])
+
+
+# ----------------------------------------------------------------------------------------- analysis
+
+def analysis(ctx: Context, design: dict, ddpm_gate: dict, measured: dict) -> dict:
+    names = [a["name"] for a in S.ATTRIBUTES]
+    table = design["factors"]
+    lost = np.array([table[n]["lost_t_p50"] for n in names])
+    fine = [i for i, n in enumerate(names) if table[n]["lost_stage"] == 1]
+    coarse = [i for i, n in enumerate(names) if table[n]["lost_stage"] == 3]
+    seeds = ctx.plan.seeds
+    arms = {a: [measured[(a, s)][1] for s in seeds] for a in ctx.plan.arms}
+    res = SS.analyse(arms, lost, fine, coarse, [a for a in ctx.plan.arms if a != BASELINE], BASELINE,
+                     resamples=ctx.plan.bootstrap, seed=0,
+                     crossover=(names.index("brightness"), names.index("stripes")))
+    increases = {arm_name(a, s): measured[(a, s)][0]["losses"]["shuffle_increase"] for a in ctx.plan.arms for s in seeds}
+    sens = {arm_name(a, s): dict(zip(names, SS.sensitivity(measured[(a, s)][1]).tolist()))
+            for a in ctx.plan.arms for s in seeds}
+    in_metric = [names[i] for i in fine + coarse]
+    gates = {
+        "ddpm_denoiser": {"pass": ddpm_gate["denoiser"]["pass"],
+                          "rule": f"per 100-step t-bucket below 500: DDPM ε-MSE − exact posterior-mean ε-MSE "
+                                  f"<= {ctx.plan.ddpm_excess}",
+                          "excess": ddpm_gate["denoiser"]["excess_below_500"]},
+        "ddpm_samples": {"pass": ddpm_gate["samples"]["pass"],
+                         "rule": f"valid fraction of {ctx.plan.sample_count} DDIM samples >= {ctx.plan.sample_min_valid} "
+                                 f"(nearest design image within RMS {ctx.plan.sample_max_rms})",
+                         "valid_fraction": ddpm_gate["samples"]["valid_fraction"]},
+        "z_used": {"pass": all(v >= ctx.plan.z_gate for v in increases.values()),
+                   "rule": f"shuffling z across held-out images raises every arm run's loss by >= {ctx.plan.z_gate:.0%}",
+                   "increase": increases},
+        "factors_in_z": {"pass": all(v[n] >= ctx.plan.min_sensitivity for v in sens.values() for n in in_metric),
+                         "rule": f"every fine and coarse factor moves z: E‖z(x) − z(x^f)‖² >= "
+                                 f"{ctx.plan.min_sensitivity:g} x E‖z(x) − z(y)‖², in every arm run",
+                         "sensitivity": sens},
+    }
+    verdicts = {a: SS.decide(res, a, gates, BASELINE) for a in ctx.plan.arms if a != BASELINE}
+    follows = {a: SS.order_follows(res, a) for a in verdicts}
+    return {"factor_names": names, "stage_share": res, "gates": gates, "verdicts": verdicts,
+            "verdict": verdicts[PRIMARY]["verdict"], "primary_arm": PRIMARY, "order_follows": follows}

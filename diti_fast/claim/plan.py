@@ -1,65 +1,57 @@
-"""How big each phase of the claim run is: the full run (≤ 100 min on 2 free CPU cores) and the smoke run.
+"""How big each part of the claim run is, and the thresholds its gates and rule use.
 
-Calibration (docs/evaluation.md, "The claim"): the shapes32 UNet at batch 32 trains at 16–20 images/s
-(DDPM) and 9–12 images/s (DiTi/PDAE step: encoder + frozen UNet + ShiftUNet) with ONE thread under
-``nice -n 15`` on the shared 2-core development machine; ×1.8 for two free threads gives ~29–36 and
-~17–21 images/s, and ``make demo`` measured 28 (DDPM) and 27 (DiTi) images/s on 2 cores at light load.
-The plan uses the slow ends, 25 and 18 images/s, so that it fits a machine a little slower than that.
+The full plan fits 100 minutes on 2 free CPU cores with room to spare: training is sized in
+minutes, not images. The DDPM trains for ``ddpm_minutes``; the first arm run (DiTi base, seed 0)
+trains for ``arm_minutes`` and the number of images it reached becomes every other arm run's
+length, so all six arm runs see the same number of images. The smoke plan fixes images instead
+(deterministic, seconds): it proves the pipeline end to end and decides nothing.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
-# Throughputs the phase sizes below were derived from (2 free cores, images per second).
-ASSUMED_IMAGES_PER_S = {"ddpm": 25.0, "diti": 18.0}
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
 class Plan:
     name: str
-    train_samples: int          # synthetic training shards (the clear variant, seed 0)
-    eval_samples: int           # held-out shards (seed 1) for probes, judge and grids
-    ddpm_images: int            # DDPM length cap
-    ddpm_checks: int            # recognisability checks spread over ddpm_images (stop early when passed)
-    diti_images: int            # DiTi (base) and PDAE: the same number of images each
-    batch_size: int = 32
-    ddpm_lr: float = 2e-4
-    diti_lr: float = 2e-4
-    judge_train: int = 4000     # real images the recognisability judge is trained on
-    judge_epochs: int = 12
-    judge_samples: int = 128    # DDPM samples it classifies
-    sample_steps: int = 50      # DDIM steps of those samples
-    recognisable: float = 0.8   # pass: confident fraction of samples >= this x that of real images
-    probe_samples: int = 8000   # eval samples featurised (80/10/10 by position)
-    probe_epochs: int = 15
-    probe_seeds: tuple[int, ...] = (0, 1)
-    bootstrap: int = 1000       # resamples of the test split
-    invert_steps: int = 100     # counterfactual grids: DDIM inversion / decoding steps
-    decode_steps: int = 100
-    alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
-    grid_pairs: int = 6         # test pairs scored by the judge (the first one drawn)
-    checkpoint_every: int = 200
-    minutes: dict = field(default_factory=dict)  # planned minutes per phase (informational)
+    train_samples: int = 40000      # training shards (seed 0); the design has 8,192 distinct images
+    design_images: int = 512        # images of the exact-Bayes lost-t table
+    test_images: int = 1024         # images of the stage-share metric (their own seed)
+    heldout_images: int = 2048      # images of the loss gates (another seed)
+    batch_size: int = 64
+    ddpm_minutes: float = 28.0
+    arm_minutes: float = 7.0
+    ddpm_images: int = 0            # > 0: train this many images instead of ddpm_minutes (smoke)
+    arm_images: int = 0             # > 0: likewise for every arm run
+    ddpm_lr: float = 5e-4
+    diti_lr: float = 5e-4
+    seeds: tuple[int, ...] = (0, 1)
+    arms: tuple[str, ...] = ("diti", "diti_stopgrad", "pdae")
+    probe: bool = True              # measure the fastest CPU path (else fp32 eager)
+    # Gate 1, the DDPM: per 100-step t-bucket below t=500 its ε-MSE exceeds the exact posterior-mean
+    # denoiser's by at most ddpm_excess; and its DDIM samples are near a design image.
+    ddpm_excess: float = 0.05
+    sample_count: int = 64
+    sample_steps: int = 50
+    sample_max_rms: float = 0.05    # model units, RMS over pixels (a grey level is 0.0078)
+    sample_min_valid: float = 0.8
+    # Gate 2, z is used: shuffling z across held-out images raises each arm run's loss by this much.
+    z_gate: float = 0.10
+    # Gate 3, the factors are in z: a factor the encoder ignores has no place in it, so its stage
+    # shares would be noise. Every factor of the metric must move z by this fraction of what another
+    # image does (stage_share.sensitivity), in every arm run.
+    min_sensitivity: float = 0.01
+    bootstrap: int = 2000
+    checkpoint_every: int = 500
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def _minutes(ddpm_images: int, diti_images: int) -> dict:
-    ddpm = ddpm_images / ASSUMED_IMAGES_PER_S["ddpm"] / 60
-    diti = diti_images / ASSUMED_IMAGES_PER_S["diti"] / 60
-    # judge, attribution, grids: from 1-thread timings under load (docs/evaluation.md), not full-size runs.
-    return {"shards": 0.5, "ddpm": round(ddpm, 1), "judge": 4.0, "diti": round(diti, 1), "pdae": round(diti, 1),
-            "attribution": 4.0, "grids": 6.0, "report": 0.5}
+FULL = Plan("full")
 
-
-FULL = Plan("full", train_samples=20000, eval_samples=8000, ddpm_images=54400, ddpm_checks=3,
-            diti_images=17600, minutes=_minutes(54400, 17600))
-
-# Every phase on tiny sizes: proves the pipeline end to end (tests/test_claim.py), says nothing.
-SMOKE = Plan("smoke", train_samples=256, eval_samples=200, ddpm_images=64, ddpm_checks=2, diti_images=64,
-             batch_size=16, judge_train=160, judge_epochs=1, judge_samples=8, sample_steps=2, probe_samples=200,
-             probe_epochs=2, bootstrap=50, invert_steps=2, decode_steps=2, grid_pairs=2, checkpoint_every=2,
-             minutes=_minutes(64, 64))
+SMOKE = Plan("smoke", train_samples=512, design_images=24, test_images=48, heldout_images=64, batch_size=16,
+             ddpm_images=64, arm_images=32, probe=False, sample_count=4, sample_steps=2, bootstrap=50,
+             checkpoint_every=2)
 
 PLANS = {"full": FULL, "smoke": SMOKE}

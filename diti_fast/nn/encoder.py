@@ -16,6 +16,7 @@ ENCODER_SPECS = {
     "ffhq128": (128, (64, 128, 256, 256, 256), 2),   # 3,914,240 parameters
     "bedroom128": (128, (64, 128, 256, 256, 256), 2),
     "shapes32": (32, (64, 128, 128), 1),             # the CPU demo's 32x32 synthetic images
+    "staged16": (16, (64, 128), 1),                  # the claim experiment's 16x16 staged design
 }
 
 

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _splits(args) -> tuple[str, ...]:
+    return SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))
+
+
 def _make(args) -> int:
     from .folder import plan_folder, shuffled
     from .synthetic import make_synthetic_shards
@@ -154,7 +158,7 @@ def _make(args) -> int:
     # Refuse a taken output before any work (planning reads attribute tables and image trees).
     if args.source == "celeba":
         check_out_dir(args.out, args.prefix, allowed_dirs=SPLITS)
-        for split in (SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))):
+        for split in _splits(args):
             check_target(args.out / split, args.prefix, args.overwrite)
     else:
         check_target(args.out, args.prefix, args.overwrite)
@@ -165,18 +169,22 @@ def _make(args) -> int:
     common.update(strict=args.strict)
     order = (lambda items: items) if args.no_shuffle else (lambda items: shuffled(items, args.seed))
     shuffle_cfg = {"shuffle": not args.no_shuffle, "seed": args.seed}
-    if args.source == "celeba":
-        from .celeba import plan_celeba
 
-        splits = SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))
-        by_split, attributes, render, config = plan_celeba(args.root, image_size=size, resample=args.resample)
-        for split in splits:
+    def write_splits(by_split, source, attributes, render, config):
+        """One shard set per split, OUT/<split>/."""
+        for split in _splits(args):
             manifest = write_shards(
                 args.out / split, items=order(by_split[split]), render=render, attributes=attributes,
-                image_size=size, source="celeba", split=split, config=dict(config, split=split, **shuffle_cfg),
+                image_size=size, source=source, split=split, config=dict(config, split=split, **shuffle_cfg),
                 **common,
             )
             _report(args.out / split, manifest)
+
+    if args.source == "celeba":
+        from .celeba import plan_celeba
+
+        by_split, attributes, render, config = plan_celeba(args.root, image_size=size, resample=args.resample)
+        write_splits(by_split, "celeba", attributes, render, config)
         return 0
     if args.source == "lmdb":
         from .lmdbsrc import plan_lmdb
@@ -190,15 +198,8 @@ def _make(args) -> int:
                                     image_size=size, source="lmdb", config=dict(config, **shuffle_cfg), **common)
             _report(args.out, manifest)
             return 0
-        splits = SPLITS if args.split == "all" else tuple(s.strip() for s in args.split.split(","))
         check_out_dir(args.out, args.prefix, allowed_dirs=SPLITS)
-        for split in splits:
-            manifest = write_shards(
-                args.out / split, items=order(by_split[split]), render=render, attributes=attributes,
-                image_size=size, source="lmdb", split=split, config=dict(config, split=split, **shuffle_cfg),
-                **common,
-            )
-            _report(args.out / split, manifest)
+        write_splits(by_split, "lmdb", attributes, render, config)
         return 0
     items, attributes, render, config, notes = plan_folder(
         args.root, args.attrs, image_size=size, crop=args.crop, resample=args.resample, strict=args.strict

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import io
+import signal
 import tarfile
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -98,3 +100,23 @@ def sample_offsets(path) -> dict[str, int]:
         for m in tf:
             out.setdefault(m.name.split(".", 1)[0], m.offset)
     return out
+
+
+class Hang(BaseException):
+    """Raised by :func:`time_bound`'s alarm. A BaseException, so that no handler in the reader can take
+    it for damage (TimeoutError is an OSError, which the reader counts as a bad shard)."""
+
+
+@contextmanager
+def time_bound(seconds: int, what: str):
+    """Turns a hang into a failure naming ``what``. Not a speed check: the limit is far above the
+    expected time."""
+    def fail(*_):
+        raise Hang(f"{what}: still running after {seconds} s (it spins or waits instead of stopping)")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

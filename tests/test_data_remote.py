@@ -7,15 +7,13 @@ on; a 404 is an error naming the URL; without curl, http(s) shards are refused b
 """
 import math
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from data_shards.synthetic import make_synthetic_shards, render
-from data_testing import ShardServer, metrics, sample_offsets, tiny_config
+from data_testing import ShardServer, metrics, sample_offsets, time_bound, tiny_config
 from diti_fast.config import ConfigError
 from diti_fast.data import DataError, DataWarning, eval_loader
 from diti_fast.data.skip_stats import REASONS
@@ -106,30 +104,13 @@ def test_training_goes_on_with_exact_bad_shard_count(served, tmp_path):
     assert metrics(tmp_path)[-1]["data_skipped"] == dict({r: 0 for r in REASONS}, bad_shard=expected)
 
 
-class Hang(BaseException):
-    """The alarm's exception: a BaseException, so no reader's handler takes it for a bad shard."""
-
-
-@contextmanager
-def _hang_guard(seconds):
-    def fail(*_):
-        raise Hang(f"still reading after {seconds} s: a stalled download hangs the reader")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 @pytest.mark.parametrize("limit", [dict(stream_stall_s=1), dict(stream_timeout_s=2)])
 def test_stalled_server_costs_the_shard_tail(served, reference, limit):
     # The server sends shard 1 up to sample 17's header, then nothing, keeping the connection open.
     # Either limit ends the download (curl exit 28): one bad_shard, the other samples all read.
     root, server = served
     started = time.monotonic()
-    with _hang_guard(30), pytest.warns(DataWarning, match=r"bad_shard=1\b"):
+    with time_bound(30, "a stalled download"), pytest.warns(DataWarning, match=r"bad_shard=1\b"):
         stats = _check_pass(eval_loader(f"{server.url}/stall/manifest.json", batch_size=8, **limit), reference,
                             [i for i in range(N) if not 17 <= i < 24])
     assert stats["skipped_by_reason"] == {"bad_shard": 1}
@@ -143,7 +124,7 @@ def test_training_goes_on_past_a_stalled_server(served, tmp_path):
     # (The overall limit keeps this test short: curl judges a stall by a 5-second average speed.)
     root, server = served
     steps, micro = 3, 8
-    with _hang_guard(60):
+    with time_bound(60, "training past a stalled server"):
         res = train(tiny_config(tmp_path, "stage=ddpm", f"data.shards={server.url}/stall/shard-000001.tar",
                                 "data.num_samples=400", "data.shuffle_buffer=1", f"data.batch_size={micro}",
                                 "data.stream_timeout_s=2", f"run.max_images={steps * micro}"))

@@ -7,13 +7,11 @@ samples in storage order, so which bad samples a stream has passed after consumi
 follows from the shard's layout alone (``expected_counts``).
 """
 import json
-import signal
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
-from data_testing import metrics, sample_offsets, tiny_config, write_tar
+from data_testing import metrics, sample_offsets, time_bound, tiny_config, write_tar
 from diti_fast.config import ConfigError
 from diti_fast.data import CorruptSampleError, DataError, DataWarning, ShardSpec, eval_loader, train_loader
 from diti_fast.data.skip_stats import REASONS
@@ -138,25 +136,11 @@ def test_engine_metrics_report_exact_skip_counts(layout, tmp_path):
         assert row["data_skipped"] == expected_counts(row["step"], micro)
 
 
-@contextmanager
-def _hang_guard(seconds):
-    """Turns a hang into a failure (not a speed check: the limit is far above the expected time)."""
-    def fail(*_):
-        raise TimeoutError(f"still running after {seconds} s: the stream spins instead of stopping")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_undecodable_set_stops_with_the_cause(tmp_path):
     bad = [write_tar(tmp_path / f"bad{j}.tar", [(f"{j}{i:08d}.png", b"\x89PNG\r\n\x1a\n garbage") for i in range(20)])
            for j in range(3)]
     spec = ShardSpec([str(p) for p in bad], image_size=S, image_format="png", counts=[20] * 3)
-    with _hang_guard(120), pytest.raises(DataError) as err:
+    with time_bound(120, "a stream of undecodable samples"), pytest.raises(DataError) as err:
         list(train_loader(spec, batch_size=4, epoch_samples=40, num_workers=1, max_consecutive_skips=200))
     msg = str(err.value)
     assert "no usable sample in 200 attempts in a row" in msg and "bad" in msg and ".tar: sample" in msg
@@ -170,7 +154,7 @@ def test_undecodable_set_stops_with_the_cause(tmp_path):
                 "image_format": "png", "attributes": [],
                 "shards": [{"name": p.name, "num_samples": 20, "sha256": "?"} for p in bad]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with _hang_guard(120), pytest.raises(DataError, match=r"no usable sample in 1000 attempts.*\[decode\]"):
+    with time_bound(120, "a stream of undecodable samples"), pytest.raises(DataError, match=r"no usable sample in 1000 attempts.*\[decode\]"):
         train(tiny_config(tmp_path / "run", "stage=ddpm", f"data.shards={tmp_path}", "run.max_images=8"))
 
 

@@ -10,13 +10,12 @@ members ``tarfile`` reads from the same bytes. A failing case prints its seed, s
 """
 import io
 import random
-import signal
 import tarfile
 import time
-from contextlib import contextmanager
 
 import pytest
 
+from data_testing import time_bound
 from diti_fast.data.shard_reader import iter_shard
 from diti_fast.data.skip_stats import SkipStats
 from diti_fast.data.tar_members import BLOCK
@@ -132,24 +131,6 @@ def _tarfile_members(data: bytes):
         return None
 
 
-class Hang(BaseException):
-    """Raised by the alarm; a BaseException, so no handler in the reader can take it for damage
-    (TimeoutError is an OSError, which the reader counts as a bad shard)."""
-
-
-@contextmanager
-def _time_bound(seconds, what):
-    def fail(*_):
-        raise Hang(f"{what}: still reading after {seconds} s (the reader spins instead of stopping)")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _members_of(samples) -> list[tuple[str, bytes]]:
     return [(f"{s['__key__']}.{k}", v) for s in samples for k, v in s.items() if not k.startswith("__")]
 
@@ -180,7 +161,7 @@ def test_mutated_shards_end_in_data_or_one_counted_skip(tmp_path):
         skip = rng.choice([0, 0, 2])
         stats = SkipStats()
         what = f"case {case} (seed {case}, {kind}, skip {skip})"
-        with _time_bound(CASE_LIMIT_S, what):
+        with time_bound(CASE_LIMIT_S, what):
             try:
                 samples = list(iter_shard(str(path), stats, skip=skip))
             except Exception as exc:  # noqa: BLE001 - any escape is the failure being looked for

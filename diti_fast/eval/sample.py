@@ -18,6 +18,9 @@ class FrozenDDPM(nn.Module):
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
+        # The wrapper takes the decoder's mode (its own flag only): samplers hand a model back in the
+        # mode they found it, and a wrapper in train mode would put the decoder's shift branch there.
+        self.training = decoder.training
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return UNet.forward(self.decoder, x, t)

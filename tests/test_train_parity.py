@@ -115,7 +115,7 @@ def test_engine_steps_equal_the_methods_equations(tmp_path, ddpm_export, fused):
     """The engine's losses and weights after each of a few DiTi steps against the re-statement above;
     ``fused-loss``: with the Triton loss kernel (interpreted on a CPU)."""
     overrides = [f"init.ddpm={ddpm_export}", f"run.max_images={STEPS * BATCH}", f"data.batch_size={BATCH}",
-                 "run.precision=fp32", f"optim.lr={LR}", "optim.scale_lr_by_batch=false",
+                 "run.precision=fp32", f"optim.lr={LR}", "optim.lr_rule=none",
                  f"fast.fused_loss={str(fused).lower()}", "log.t_buckets=10", "ema.decay=0.9", *STAGES, *WIDE]
     run = tmp_path / "engine"
     res = train(tiny(run, *overrides))

@@ -15,6 +15,7 @@ import torch
 
 from data_shards import synthetic_staged as S
 
+from ..config import DiffusionConfig
 from ..data import to_model_input
 from ..diffusion import at_t, make_schedule, q_sample
 from ..losses import conditioning, weighted_shift_loss_ref
@@ -117,7 +118,7 @@ def heldout_losses(ex, values: np.ndarray, mode: str, dims_per_stage, seed: int 
 def ddpm_vs_bayes(unet, design: Design, values: np.ndarray, seed: int = 0, batch: int = 256) -> dict:
     """ε-MSE per t-bucket of the DDPM and of the exact posterior-mean denoiser, same x0, t, ε."""
     unet.eval()
-    sched = make_schedule(design_cfg())
+    sched = make_schedule(DiffusionConfig())
     x0 = images(values)
     t, eps = _draws(len(x0), 1000, seed)
     net, bayes = [], []
@@ -129,11 +130,6 @@ def ddpm_vs_bayes(unet, design: Design, values: np.ndarray, seed: int = 0, batch
     net, bayes = torch.cat(net), torch.cat(bayes)
     return {"ddpm": _buckets(net, t, 1000), "bayes": _buckets(bayes, t, 1000),
             "bucket_edges": [1000 * i // BUCKETS for i in range(BUCKETS + 1)]}
-
-
-def design_cfg():
-    from ..config import DiffusionConfig
-    return DiffusionConfig()
 
 
 def nearest_combination(design: Design, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

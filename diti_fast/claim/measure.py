@@ -92,6 +92,7 @@ def heldout_losses(ex, values: np.ndarray, mode: str, dims_per_stage, seed: int 
         zk[:, sl] = z[partner][:, sl]
         variants[f"stage{k + 1}_shuffled"] = zk
     out = {}
+    ddpm_only = []  # the frozen DDPM alone (its ε̂, G left out): what the decoder starts from
     for name, zv in variants.items():
         per = []
         for i in range(0, len(x0), batch):
@@ -99,16 +100,11 @@ def heldout_losses(ex, values: np.ndarray, mode: str, dims_per_stage, seed: int 
             xt = q_sample(sched, x0[sl], t[sl], eps[sl])
             eps_hat, g = ex.decoder(xt, t[sl], conditioning(zv[sl], t[sl], masks, branch))
             per.append(weighted_shift_loss_ref(eps[sl], eps_hat, g, t[sl], sched).float().mean((1, 2, 3)))
+            if name == "own":  # ε̂ does not depend on z: one pass serves both
+                ddpm_only.append((at_t(sched.weight, t[sl], 4) * (eps[sl] - eps_hat) ** 2).float().mean((1, 2, 3)))
         per = torch.cat(per)
         out[name] = {"loss": float(per.mean()), "buckets": _buckets(per, t, cfg.diffusion.timesteps)}
-    # The frozen DDPM alone (its ε̂, G left out): what the decoder starts from.
-    per = []
-    for i in range(0, len(x0), batch):
-        sl = slice(i, i + batch)
-        eps_hat, _ = ex.decoder(q_sample(sched, x0[sl], t[sl], eps[sl]), t[sl], z[sl])
-        w = at_t(sched.weight, t[sl], 4)
-        per.append((w * (eps[sl] - eps_hat) ** 2).float().mean((1, 2, 3)))
-    per = torch.cat(per)
+    per = torch.cat(ddpm_only)
     out["ddpm_only"] = {"loss": float(per.mean()), "buckets": _buckets(per, t, cfg.diffusion.timesteps)}
     out["shuffle_increase"] = out["shuffled"]["loss"] / out["own"]["loss"] - 1.0
     return out

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data_shards import synthetic_staged as S
 from data_shards.synthetic_staged import make_staged_shards

@@ -92,7 +92,7 @@ def _ci(x) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     ss, names, gates = result["stage_share"], result["factor_names"], result["gates"]
-    L = [f"# The claim: does DiTi order factors by the noise level that destroys them?", "",
+    L = ["# The claim: does DiTi order factors by the noise level that destroys them?", "",
          f"**Verdict ({result['primary_arm']} vs pdae): {result['verdict']}.** "
          f"{result['verdicts'][result['primary_arm']]['why']}.", "",
          f"Command `{result['command']}`, commit `{result['git']['commit'][:12]}`"

@@ -1,6 +1,7 @@
 """The graph-safe step (engine/graph_step.py) against DeepSpeed's eager step of the same run.
 
-On a CPU ``fast.cuda_graph=true`` runs the graph-safe step uncaptured: the static buffers, the
+Both run the one step body of engine/step.py, with different drivers (the graph-safe one: the
+objective's own backward, the flat gradient all-reduce and fused Adam). On a CPU ``fast.cuda_graph=true`` runs the graph-safe step uncaptured: the static buffers, the
 device-side sample indices, ``found_inf`` handed to fused Adam, the EMA weight computed on the
 device, the meter inside the step. It must equal DeepSpeed's step bit for bit (module, EMA,
 optimiser state, logged losses), including a skipped NaN step, EMA warm-up and gradient
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from diti_fast.engine import graph_step
+from diti_fast.engine import step as step_module
 from diti_fast.engine.graph_step import StepPlan, capture_blocker, plan_step
 from diti_fast.engine.loop import train
 from diti_fast.engine.run_config import apply_overrides, build_config
@@ -72,17 +74,22 @@ def _assert_equal(a, b, where="state"):
 def test_the_graph_safe_step_equals_deepspeeds_step_bit_for_bit(tmp_path, extra, capsys, monkeypatch):
     # 6 steps with a NaN at step 3: the skip, the EMA warm-up and the device counters all act.
     common = ["run.device=cpu", "run.max_images=24", "debug.nan_at_steps=[3]", *extra]
-    # Count the graph-safe step's bodies: the comparison is only meaningful if the second run really
-    # trained through GraphStep (uncaptured) and the first did not.
-    bodies = []
-    body = graph_step.GraphStep._body
+    # Count the step bodies and their drivers: the comparison is only meaningful if both runs trained
+    # through engine/step.py's one body, the first with DeepSpeed's driver, the second through
+    # GraphStep (uncaptured) with the graph-safe driver.
+    bodies, drivers = [], []
+    body, shared = graph_step.GraphStep._body, step_module.StepBody.__call__
     monkeypatch.setattr(graph_step.GraphStep, "_body", lambda self: (bodies.append(self.capture), body(self))[1])
+    monkeypatch.setattr(step_module.StepBody, "__call__",
+                        lambda self, batch: (drivers.append(type(self.driver).__name__), shared(self, batch))[1])
     train(_cfg(tmp_path / "ds", "fast.cuda_graph=false", *common))
-    assert bodies == []
+    assert bodies == [] and drivers == ["DeepSpeedDriver"] * 6
     ds = _final_state(tmp_path / "ds")
+    drivers.clear()
     train(_cfg(tmp_path / "gs", "fast.cuda_graph=true", *common))
     assert "the graph-safe step runs uncaptured" in capsys.readouterr().out
     assert bodies == [False] * 6  # one uncaptured graph-safe step per optimiser step
+    assert drivers == ["GraphSafeDriver"] * 6
     gs = _final_state(tmp_path / "gs")
     _assert_equal(gs, ds)
     # the NaN step was skipped: 5 Adam updates in 6 steps, its loss logged as missing

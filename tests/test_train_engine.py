@@ -212,12 +212,13 @@ def test_the_nonfinite_guard_exits_with_status_3(tmp_path, capsys):
 
 
 class _FakeClock:
-    """time.monotonic for the loop and its stop check, advanced only by the loop's debug sleep, so a
-    run's wall clock is exactly ``steps x debug.step_sleep_s`` whatever the machine's load."""
+    """time.monotonic for the loop and its stop check, advanced only by the debug sleep after each step
+    (engine/faults.py), so a run's wall clock is exactly ``steps x debug.step_sleep_s`` whatever the
+    machine's load."""
 
     def __init__(self, monkeypatch):
         import time as real
-        from diti_fast.engine import loop, stopping
+        from diti_fast.engine import faults, loop, stopping
         self.now = 1000.0
         fake = type("FakeTime", (), {})()
         for name in ("perf_counter", "time", "strftime", "localtime"):
@@ -226,6 +227,7 @@ class _FakeClock:
         fake.sleep = self.sleep
         monkeypatch.setattr(loop, "time", fake)
         monkeypatch.setattr(stopping, "time", fake)
+        monkeypatch.setattr(faults, "time", fake)
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds

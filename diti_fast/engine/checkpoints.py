@@ -307,8 +307,10 @@ def _param_names(engine) -> dict[int, str]:
     return {id(p): n for n, p in engine.module.named_parameters()}
 
 
-def save_checkpoint(cfg, run_dir: Path, engine, ema, data, step: int, rank: int, world: int) -> Path:
-    """The whole training state at ``step`` (collective): model + EMA on rank 0, optimiser/RNG/data per rank."""
+def save_checkpoint(cfg, run_dir: Path, engine, ema, data, step: int, ranks) -> Path:
+    """The whole training state at ``step`` (collective): model + EMA on rank 0, optimiser/RNG/data per rank.
+    ``ranks``: this process's :class:`~diti_fast.engine.run_state.Ranks`."""
+    rank, world = ranks.rank, ranks.world
     files = {f"rank-{rank:05d}.pt": {"optimizer": weights_only_part(engine.optimizer.state_dict()),
                                      "rng": rng_state(), "data": dict(data.position), "step": step}}
     full = elastic.full_optimizer_state(engine, _param_names(engine), rank) if cfg.checkpoint.elastic else None
@@ -322,9 +324,10 @@ def save_checkpoint(cfg, run_dir: Path, engine, ema, data, step: int, rank: int,
                 fail=cfg.debug.fail_save_rank == rank)
 
 
-def load_checkpoint(cfg, path: Path, meta: dict, engine, ema, rank: int, world: int, micro: int) -> tuple[int, dict]:
+def load_checkpoint(cfg, path: Path, meta: dict, engine, ema, ranks) -> tuple[int, dict]:
     """Restore what :func:`save_checkpoint` wrote; returns (step, data position). Collective (every
     rank loads; a failure anywhere is raised everywhere)."""
+    rank, world, micro = ranks.rank, ranks.world, ranks.micro
     step = int(meta["step"])
     position, err = None, None
     try:

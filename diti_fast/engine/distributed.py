@@ -7,6 +7,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from diti_fast.engine.elastic import internals_error
 from diti_fast.engine.run_config import TrainConfig
 
 
@@ -25,7 +26,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    import deepspeed
+    import deepspeed  # slow to import (seconds), and must follow DS_ACCELERATOR above
     if not use_cuda:
         # The CPU accelerator JIT-compiles a shared-memory all-reduce op at process-group start
         # (minutes on a small machine); it only serves inference_all_reduce, which training never
@@ -47,7 +48,6 @@ def skip_shm_build(deepspeed) -> None:
     """Mark DeepSpeed's shared-memory all-reduce op unavailable (its private op table)."""
     table = getattr(deepspeed.ops, "__compatible_ops__", None)
     if not isinstance(table, dict) or "deepspeed_shm_comm" not in table:
-        from diti_fast.engine.elastic import internals_error
         raise internals_error("deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']",
                               "is missing (the CPU accelerator would JIT-build its shared-memory op)")
     table["deepspeed_shm_comm"] = False

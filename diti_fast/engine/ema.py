@@ -1,13 +1,16 @@
 """Exponential moving average of the trainable parameters, one fused foreach op per update.
 
-The original walks the parameters in a Python loop (two kernel launches per tensor, every step).
-Here the update is fused over the whole list: ema ← ema + w·(θ − ema) with w = 1 − decay, the same
+The update is fused over the whole parameter list (not two kernel launches per tensor): ema ← ema + w·(θ − ema) with w = 1 − decay, the same
 arithmetic as ``ema.mul_(decay).add_(θ, alpha=1 − decay)`` up to rounding.
 
 ``w`` may be a 0-dim device tensor: the engine multiplies it by the step's "loss was finite" flag,
 so a skipped step leaves the EMA untouched without a host synchronisation. ``_foreach_lerp_`` only
 takes a Python scalar weight (a tensor would be read back to the host), so that case runs
 sub / mul-by-tensor / add: three fused foreach kernels and one temporary of the trainable size.
+
+:func:`step_weight` is the engine's rule for ``w`` (``ema.every``, the decay warm-up, the skip of
+a non-finite step), computed on the device from the step counter so that the same arithmetic runs
+eagerly and inside a CUDA graph.
 
 The shadow copies are float32 whatever the parameters' dtype: at decay 0.9999 an increment is 1e-4
 of the difference, below bf16's resolution.
@@ -18,6 +21,24 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+
+
+def step_weight(steps_done: torch.Tensor, finite: torch.Tensor, decay: float, every: int, warmup: bool
+                ) -> torch.Tensor:
+    """The EMA weight 1 − decay of the step being taken (float32, 0-dim, on ``steps_done``'s device).
+
+    ``steps_done``: int64 count of optimiser steps before this one. The update happens on every
+    ``every``-th step; with ``warmup`` the decay is min(decay, (1 + n) / (10 + n)), n the updates
+    done before this one. ``finite`` False (a skipped step) or a step between updates gives 0. The
+    arithmetic is float64, as Python floats are, rounded once to float32 at the end: the same
+    bits as ``finite * (1.0 - decay)`` with ``decay`` a Python float."""
+    s = steps_done + 1                                   # the step being taken, 1-based
+    due = (s % every) == 0
+    d = torch.full((), decay, dtype=torch.float64, device=steps_done.device)
+    if warmup:
+        n = (s // every - 1).to(torch.float64)
+        d = torch.minimum(d, (1 + n) / (10 + n))
+    return ((finite & due).to(torch.float64) * (1.0 - d)).to(torch.float32)
 
 
 class EMA:

@@ -1,13 +1,14 @@
 """The whole optimiser step as one CUDA graph: forward, backward, Adam, EMA and metrics, replayed.
 
-Why: at the per-GPU batch of the users' launch (16 images), one eager DiTi step issues about two
+Why: at a per-GPU batch of 16 images, one eager DiTi step issues about two
 thousand kernel launches; at ~5 µs of host time each that is longer than the GPU needs for the
 arithmetic, so the step is bound by launches. A CUDA graph records the step's kernels once and
 replays them with a single launch.
 
-What makes the step replayable (and what this module changes against DeepSpeed's own step):
+The step's body is engine/step.py's, the one DeepSpeed's eager step runs too, with its graph-safe
+driver. What makes it replayable (and what differs from DeepSpeed's own step):
 
-* static inputs: the micro-batches are copied into fixed device buffers (uint8, converted inside
+* static inputs (this module): the micro-batches are copied into fixed device buffers (uint8, converted inside
   the graph); the global sample indices that key t and ε are computed on the device from a step
   counter, so t and ε are drawn inside the graph, exactly as ``noise.py`` draws them eagerly;
 * the loss-finite flag is computed, all-reduced (multi-rank) and handed to fused Adam as
@@ -16,7 +17,7 @@ What makes the step replayable (and what this module changes against DeepSpeed's
 * Adam is the fused implementation with ``capturable=True`` (its step count lives on the device);
 * the EMA weight, decay warm-up and ``ema.every`` included, is computed on the device from the
   step counter and multiplied by the flag (a Python float would be frozen into the graph);
-* gradients are averaged over ranks by this module (one flat all-reduce, then × 1/world, the same
+* gradients are averaged over ranks by the driver (one flat all-reduce, then × 1/world, the same
   arithmetic as DeepSpeed's ZeRO-0 all-reduce) instead of by DeepSpeed's backward hooks.
 
 Which launches can be captured: ZeRO stage 0 (DeepSpeed then only wraps the model; the step is
@@ -24,8 +25,8 @@ ours). ZeRO-1/2 reduce-scatter gradients from backward hooks with host-side buck
 and read values back to the host, which a graph cannot replay: those run DeepSpeed's eager step.
 So does ``optim.grad_clip > 0`` (DeepSpeed's clipping). The models of this project fit on one
 GPU many times over (celeba64: 53 M trainable parameters, ffhq128: 82 M; fp32 weights, gradients
-and Adam moments under 1.5 GB), so ZeRO-0 is the presets' default and the fastest correct path. Where capture is impossible the run says why
-in one line and falls back.
+and Adam moments under 1.5 GB), so ZeRO-0 is the presets' default and the fastest correct path.
+Where capture is impossible the run says why in one line and falls back.
 
 On a CPU (tests) ``fast.cuda_graph=true`` runs the same graph-safe step without capturing it:
 that is how the CPU tests show it equals DeepSpeed's step bit for bit.
@@ -35,11 +36,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from diti_fast.engine.faults import Faults
 from diti_fast.engine.run_config import TrainConfig
-from diti_fast.losses import LossOut
+from diti_fast.engine.step import GraphSafeDriver, StepBody
 
 WARMUP_STEPS = 3  # eager steps before capture: compile, cuDNN autotuning, allocator, lazy caches
 
@@ -80,33 +80,30 @@ def plan_step(cfg: TrainConfig, device: torch.device) -> StepPlan:
 
 
 class GraphStep:
-    """One optimiser step (``grad_accum`` micro-batches) over static buffers; see the module doc.
+    """The graph-safe step (engine/step.py's body with :class:`GraphSafeDriver`) over static buffers.
 
-    ``step(step)`` fills the buffers from ``data`` (host side), then runs the step: eagerly for
+    ``step(step)`` fills the buffers from ``data`` (host side), then runs the body: eagerly for
     the first ``WARMUP_STEPS`` calls or when not capturing, captured on the next call and replayed
     from then on. It returns the step's all-rank "loss was finite" flag (a device tensor)."""
 
     def __init__(self, plan: StepPlan, cfg: TrainConfig, objective, opt: torch.optim.Optimizer, ema, meter, data,
-                 rank: int, world: int, micro: int, device: torch.device, start_step: int):
-        self.capture, self.cfg, self.objective, self.opt = plan.capture, cfg, objective, opt
-        self.ema, self.meter, self.data = ema, meter, data
-        self.rank, self.world, self.micro, self.device = rank, world, micro, device
-        self.accum, self.batch = cfg.deepspeed.grad_accum, cfg.data.batch_size
-        local = self.batch // world
-        first = [rank * local + m * micro for m in range(self.accum)]
-        self.base_index = [torch.arange(f, f + micro, device=device) for f in first]
-        self.step_t = torch.full((), start_step, dtype=torch.int64, device=device)  # steps done
-        self.finite = torch.ones((), dtype=torch.bool, device=device)
-        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        opt.found_inf = self.found_inf  # fused Adam reads it at every step (also inside the graph)
-        self.nan_steps = set(cfg.debug.nan_at_steps) if cfg.debug.nan_rank in (-1, rank) else set()
-        self.poison = torch.ones((), dtype=torch.float32, device=device) if cfg.debug.nan_at_steps else None
+                 rank: int, world: int, micro: int, device: torch.device, start_step: int,
+                 faults: Faults | None = None):
+        self.capture, self.cfg, self.objective, self.opt, self.data = plan.capture, cfg, objective, opt, data
+        self.accum, self.device = cfg.deepspeed.grad_accum, device
+        self.faults = faults if faults is not None else Faults(cfg, rank, world, micro, device)
+        driver = GraphSafeDriver(objective, opt, self.accum, world)
+        self.body = StepBody(cfg, driver, opt, ema, meter, self.faults, rank, world, micro, device, start_step)
         self.raw: list[torch.Tensor] | None = None  # per micro-step [micro, C, H, W] uint8, on first fill
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
         if plan.capture:
             # The autocast weight cache would hold casts made during capture across replays.
             objective.autocast_cache = False
+
+    @property
+    def x0(self) -> torch.Tensor | None:
+        return self.body.x0
 
     # ---- host side
     def _fill(self, step: int) -> None:
@@ -118,8 +115,7 @@ class GraphStep:
                 self.raw = [torch.empty(batch.shape, dtype=torch.uint8, device=self.device, memory_format=fmt)
                             for _ in range(self.accum)]
             self.raw[m].copy_(batch, non_blocking=True)
-        if self.poison is not None:
-            self.poison.fill_(float("nan") if step + 1 in self.nan_steps else 1.0)
+        self.faults.before_step(step)
 
     def step(self, step: int) -> torch.Tensor:
         self._fill(step)
@@ -143,53 +139,8 @@ class GraphStep:
                     self._body()
             self.graph.replay()
         self.calls += 1
-        return self.finite
+        return self.body.finite
 
-    # ---- the step (device only: no host reads, no Python values that change between steps)
     def _body(self) -> None:
-        from diti_fast.data import to_model_input  # the same conversion as the eager step
-        finite = torch.ones((), dtype=torch.bool, device=self.device)
-        for m in range(self.accum):
-            index = self.base_index[m] + self.step_t * self.batch   # global sample indices
-            out, t = self.objective(to_model_input(self.raw[m]), index)
-            if self.poison is not None:  # debug.nan_at_steps: × NaN on those steps, × 1 (exact) otherwise
-                p = self.poison
-                out = LossOut(out.loss * p, out.per_sample * p, out.buckets and (out.buckets[0] * p, out.buckets[1]))
-            finite &= torch.isfinite(out.loss.detach())
-            self.meter.add_samples(out.per_sample, t, out.buckets)
-            (out.loss / self.accum).backward()  # DeepSpeed divides by grad_accum too (exact for 1)
-        if self.world > 1:
-            self._average_gradients()
-            flag = finite.to(torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.bool()
-        self.found_inf.copy_((~finite).to(torch.float32))
-        self.opt.step()
-        self.ema.update(self._ema_weight(finite))
-        self.meter.add_step(finite)
-        self.step_t += 1
-        self.finite.copy_(finite)
-
-    def _ema_weight(self, finite: torch.Tensor) -> torch.Tensor:
-        """The loop's ``finite * (1 - decay)`` on update steps, 0 otherwise, from the device counter:
-        float64 arithmetic as Python's, rounded to float32 as the loop's tensor product is."""
-        e = self.cfg.ema
-        s = self.step_t + 1                        # the step being taken, 1-based
-        due = (s % e.every) == 0
-        decay = torch.full((), e.decay, dtype=torch.float64, device=self.device)
-        if e.warmup:
-            n = (s // e.every - 1).to(torch.float64)  # updates done before this one
-            decay = torch.minimum(decay, (1 + n) / (10 + n))
-        return ((finite & due).to(torch.float64) * (1.0 - decay)).to(torch.float32)
-
-    def _average_gradients(self) -> None:
-        """Sum over ranks, then × 1/world: DeepSpeed ZeRO-0's all-reduce arithmetic, one flat buffer
-        per dtype (flatten and copy back are captured with the rest)."""
-        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
-        for dtype in sorted({g.dtype for g in grads}, key=str):
-            group = [g for g in grads if g.dtype == dtype]
-            flat = _flatten_dense_tensors(group)
-            dist.all_reduce(flat)
-            flat.mul_(1.0 / self.world)
-            for g, synced in zip(group, _unflatten_dense_tensors(flat, group)):
-                g.copy_(synced)
+        """The shared step body over the static buffers (device only: no host reads)."""
+        self.body(self.raw.__getitem__)

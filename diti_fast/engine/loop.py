@@ -11,24 +11,25 @@ Overrides are ``dotted.key=value`` (see docs/training.md). The run directory hol
 ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-XXXXXXXX/`` and ``export/ema.safetensors``;
 relaunching the same command resumes from the latest complete checkpoint.
 
-Reading order: ``train()`` sets up (config checks, process group, run directory, models, frozen
-DDPM, DeepSpeed, resume) and then runs the loop. Helpers in this package, one job each:
-``objective.py`` (models + loss + frozen DDPM), ``microbatches.py`` (micro-batches, resumable),
-``distributed.py`` (process group, DeepSpeed config, optimiser), ``checkpoints.py`` (atomic
-training checkpoints), ``stopping.py`` (signals, time limit), ``ema.py``, ``metrics.py``,
-``noise.py`` (t and ε by sample index), ``run_config.py`` (the run config and presets). Per optimiser step:
-micro-batches -> forward/backward (t and ε keyed by global sample index) -> one all-reduced
-"loss finite" flag on the device -> optimiser step (skipped on the device when not finite) -> EMA
--> device-side metrics; host syncs only at log / checkpoint / signal-agreement steps.
+Reading order: ``train()`` checks what it can before any work, ``_train()`` sets up (process
+group, run directory, models, frozen DDPM, DeepSpeed, resume) and runs the loop. Helpers in this
+package, one job each: ``step.py`` (the optimiser step, written once), ``graph_step.py`` (that step
+captured as a CUDA graph), ``objective.py`` (models + loss + frozen DDPM), ``microbatches.py``
+(micro-batches, resumable), ``distributed.py`` (process group, DeepSpeed config, optimiser),
+``checkpoints.py`` (atomic training checkpoints), ``run_state.py`` (what a checkpoint and an
+export are made of), ``stopping.py`` (signals, time limit), ``faults.py`` (the ``debug`` section's
+fault injection), ``ema.py``, ``metrics.py``, ``noise.py`` (t and ε by sample index),
+``run_config.py`` (the run config and presets). Per optimiser step: micro-batches ->
+forward/backward (t and ε keyed by global sample index) -> one all-reduced "loss finite" flag on
+the device -> optimiser step (skipped on the device when not finite) -> EMA -> device-side
+metrics; host syncs only at log / checkpoint / signal-agreement steps.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import argparse
 import dataclasses
-import signal
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,28 +37,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
 from diti_fast.config import ConfigError
 from diti_fast.data.errors import DataError
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine import run_lock
-from diti_fast.engine.checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
-from diti_fast.engine.elastic import check_internals
+from diti_fast.engine.checkpoints import load_checkpoint
 from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed_config, make_optimizer,
                                           setup_distributed)
+from diti_fast.engine.elastic import check_internals
 from diti_fast.engine.ema import EMA
-from diti_fast.engine.graph_step import GraphStep, plan_step
+from diti_fast.engine.faults import Faults
+from diti_fast.engine.graph_step import GraphStep, StepPlan, plan_step
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
-from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
+from diti_fast.engine.microbatches import MicroBatches, check_shards
 from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm, load_start_ddpm
 from diti_fast.engine.run_config import (PRESETS, TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
                                          validate_runtime)
-from diti_fast.engine.sample_log import SampleLog
-from diti_fast.engine.stopping import StopSignal, hold_for_signal, stop_reason
+from diti_fast.engine.run_state import Ranks, Run
+from diti_fast.engine.step import DeepSpeedDriver, EagerStep, StepBody
+from diti_fast.engine.stopping import StopSignal, stop_reason
 from diti_fast.engine.visuals import Visuals
 from diti_fast.files import write_text_atomic
-from diti_fast.losses import LossOut
-from diti_fast.weights import CheckpointError, export_path, save_export
+from diti_fast.weights import CheckpointError
 
 EXIT_SIGNAL = 75      # EX_TEMPFAIL: stopped early (signal, time limit) after a checkpoint; relaunch to resume
 EXIT_NONFINITE = 3    # too many consecutive non-finite losses
@@ -82,10 +85,11 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{cfg.preset or 'run'}-{cfg.stage}"
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> tuple[Path, dict] | None:
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, ranks: Ranks) -> tuple[Path, dict] | None:
     """Collective. The run-directory lock (rank 0), the check that every rank sees the same
     directory, config conflicts vs. a previous launch, the checkpoint to resume from (newest that
     verifies); writes config.yaml. An error on any rank is raised on all of them."""
+    rank, world = ranks.rank, ranks.world
     run_lock.claim(run_dir, rank)
     if rank == 0:
         ckpt.clean_temp(run_dir / "checkpoints")  # a crashed save's leftovers; safe under the lock
@@ -107,14 +111,6 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> t
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved_cfg, dump_yaml(cfg, world))
     return found
-
-
-def export(cfg: TrainConfig, run_dir: Path, objective: Objective, ema: EMA) -> Path:
-    """EMA weights + resolved config as safetensors (what evaluation's load_export reads): the live
-    modules' state dicts with their trainable entries swapped for the EMA, no model rebuilt."""
-    parts = ("unet",) if cfg.stage == "ddpm" else ("encoder", "decoder")
-    states = {name: ema.full_state_dict(getattr(objective, name), f"{name}.") for name in parts}
-    return save_export(export_path(run_dir), cfg.stage, cfg.model, resolved_dict(cfg), **states)
 
 
 # ============================================================================ the run
@@ -145,33 +141,80 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
-    rank, world, device = setup_distributed(cfg)
+    ranks = Ranks(*setup_distributed(cfg), micro)
+    run_dir = resolve_run_dir(cfg)
+    found = prepare_run_dir(cfg, run_dir, ranks)
+    latest = found[0] if found else None
+    objective, engine, opt, ema, plan, origin = _build(cfg, ranks, latest)
+    step, position = 0, None
+    if latest is not None:
+        step, position = load_checkpoint(cfg, latest, found[1], engine, ema, ranks)
+    data = MicroBatches(cfg, ranks.rank, ranks.world, micro, size, position, ranks.device)
+    run = Run(cfg, run_dir, ranks, objective, engine, ema, data, last_checkpoint=latest)
+    total = cfg.total_steps()
+    meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, ranks.device)
+    logger = Logger(run_dir, ranks.lead, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)
+    visuals = Visuals(cfg, run_dir, ranks.lead, logger.tb)  # grids every log.visuals_every steps (0: off)
+    stop = StopSignal(cfg.checkpoint.on_signal, ranks.world)
+    faults = Faults(cfg, ranks.rank, ranks.world, micro, ranks.device, run_dir, stop)
+    stepper = make_step(plan, cfg, run, opt, meter, faults, step)
+    report = Report(cfg, run, meter, logger, step, total)
+    _announce(cfg, run, plan, step, total, origin)
+
+    status, exported = "done", None
+    deadline = time.monotonic() + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
+    try:
+        while step < total:
+            stepper.step(step)  # one optimiser step: grad_accum micro-batches on every rank
+            step += 1
+            visuals.maybe(step, objective, ema, stepper.x0)
+            report.after(step)  # metrics every log.every steps (the host syncs), the non-finite guard
+            faults.after_step(step)
+            run.periodic(step, total, meter)
+            reason = stop_reason(stop, deadline, step, ranks.world, cfg.checkpoint.signal_sync_every)
+            if reason is not None and step < total:
+                status, exported = reason, _stop_early(run, reason, step)
+                break
+    finally:
+        stop.close()
+        faults.close()
+        report.close()
+
+    result = TrainResult(status, step, run_dir, export=exported, last_checkpoint=run.last_checkpoint)
+    if status == "done":
+        if not run.saved_at(step):
+            result.last_checkpoint = run.save(step)
+        if ranks.lead:
+            result.export = run.export()
+            print(f"[diti-fast] done: {step} steps, {step * cfg.data.batch_size} images; EMA weights in "
+                  f"{result.export}", flush=True)
+            run_lock.write_status(run_dir, "done", step=step, exit_code=0, checkpoint=str(result.last_checkpoint))
+        dist.barrier()
+    return result
+
+
+def _build(cfg: TrainConfig, ranks: Ranks, latest: Path | None):
+    """Models (same init on every rank), frozen DDPM, optimiser, DeepSpeed, EMA. Returns them with
+    the step plan and where the weights came from (for the start line)."""
+    device = ranks.device
     autocast = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
         if autocast:
             torch.backends.cuda.matmul.allow_tf32 = True
-
-    run_dir = resolve_run_dir(cfg)
-    found = prepare_run_dir(cfg, run_dir, rank, world)
-    latest = found[0] if found else None
-
-    # -- models (same init on every rank), frozen DDPM, DeepSpeed
     torch.manual_seed(cfg.run.seed)
     objective = Objective(cfg, device, autocast)
-    frozen_from = None
+    origin = ""
     if cfg.stage == "diti" and latest is None:  # a resumed run gets it from the checkpoint
-        frozen_from = load_frozen_ddpm(objective.decoder, cfg)
-    start_from = None
+        origin = f" frozen DDPM from {load_frozen_ddpm(objective.decoder, cfg)}"
     if cfg.stage == "ddpm" and cfg.init.finetune and latest is None:  # fine-tuning; a resume has its weights
-        start_from = load_start_ddpm(objective.unet, cfg)
+        origin = f" fine-tuning the DDPM from {load_start_ddpm(objective.unet, cfg)}"
     objective.to(device).train()
     trainable = objective.trainable()
-    lr = cfg.lr(world)
     plan = plan_step(cfg, device)  # the whole step as one CUDA graph, where it can be
-    opt = make_optimizer([p for _, p in trainable], cfg, lr, device, capturable=plan.capture)
-    import deepspeed
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=deepspeed_config(cfg, world))
+    opt = make_optimizer([p for _, p in trainable], cfg, cfg.lr(ranks.world), device, capturable=plan.capture)
+    import deepspeed  # slow to import (seconds): only once the config and data have been checked
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=deepspeed_config(cfg, ranks.world))
     check_internals(engine)  # a DeepSpeed whose private ZeRO state moved fails now, by name
     opt = base_optimizer(engine)
     if cfg.deepspeed.zero_stage == 0:
@@ -180,157 +223,96 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     if cfg.fast.compile:
         objective.compile(mode=cfg.fast.compile_mode)
     # Dropout draws from the per-rank generator (t and ε do not): seed it per rank.
-    torch.manual_seed(cfg.run.seed * 1_000_003 + rank)
+    torch.manual_seed(cfg.run.seed * 1_000_003 + ranks.rank)
+    return objective, engine, opt, ema, plan, origin
 
-    step, position = 0, None
-    if latest is not None:
-        step, position = load_checkpoint(cfg, latest, found[1], engine, ema, rank, world, micro)
-    data = MicroBatches(cfg, rank, world, micro, size, position, device)
-    total = cfg.total_steps()
-    meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, device)
-    logger = Logger(run_dir, rank == 0, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)
-    visuals = Visuals(cfg, run_dir, rank == 0, logger.tb)  # grids every log.visuals_every steps (0: off)
-    stop = StopSignal(cfg.checkpoint.on_signal, world)
-    samples = SampleLog(run_dir, rank, world) if cfg.debug.sample_log else None
-    graph = (GraphStep(plan, cfg, objective, opt, ema, meter, data, rank, world, micro, device, step)
-             if plan.graph_safe else None)
-    bar = None
-    if rank == 0 and cfg.log.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
-    if rank == 0:
-        n_train = sum(p.numel() for _, p in trainable)
-        n_all = sum(p.numel() for p in objective.parameters())
-        print(f"[diti-fast] stage={cfg.stage} run={run_dir} ranks={world} device={device} "
-              f"precision={'bf16-autocast' if autocast else 'fp32'} zero={cfg.deepspeed.zero_stage} "
-              f"batch={cfg.data.batch_size} (micro {micro} x accum {cfg.deepspeed.grad_accum} x {world}) "
-              f"lr={lr:g} (optim.lr_rule={cfg.lr_rule()}, optim.lr={cfg.optim.lr:g}) params={n_train / 1e6:.2f}M trainable / {n_all / 1e6:.2f}M "
-              f"steps={step}->{total}" + (f" resumed from {latest}" if latest else "")
-              + (f" frozen DDPM from {frozen_from}" if frozen_from else "")
-              + (f" fine-tuning the DDPM from {start_from}" if start_from else "")
-              + (" cuda-graph" if plan.capture else ""), flush=True)
-        if plan.reason:
-            print(f"[diti-fast] {plan.reason}", flush=True)
 
-    nan = torch.tensor(float("nan"), device=device)
-    nan_steps = set(cfg.debug.nan_at_steps)
-    local = cfg.data.batch_size // world
-    last_ckpt, result_export = latest, None
-    t_log, step_log, status = time.perf_counter(), step, "done"
-    deadline = time.monotonic() + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        while step < total:
-            # ---- one optimiser step: grad_accum micro-batches on every rank
-            if samples is not None:  # debug.sample_log: the global sample indices this step trains
-                for m in range(cfg.deepspeed.grad_accum):
-                    samples.add(step + 1, step * cfg.data.batch_size + rank * local + m * micro, micro)
-            if graph is not None:  # the same step, graph-safe and captured (engine/graph_step.py)
-                finite = graph.step(step)
-            else:
-                finite = torch.ones((), dtype=torch.bool, device=device)
-                for m in range(cfg.deepspeed.grad_accum):
-                    x0 = to_model_input(data.next(m), device)
-                    first = step * cfg.data.batch_size + rank * local + m * micro  # global sample index
-                    index = torch.arange(first, first + micro, device=device)
-                    out, t = engine(x0, index)
-                    if step + 1 in nan_steps and cfg.debug.nan_rank in (-1, rank):
-                        out = LossOut(out.loss * nan, out.per_sample * nan,
-                                      out.buckets and (out.buckets[0] * nan, out.buckets[1]))
-                    finite &= torch.isfinite(out.loss.detach())
-                    meter.add_samples(out.per_sample, t, out.buckets)
-                    engine.backward(out.loss)
-                    if m == cfg.deepspeed.grad_accum - 1:
-                        # A NaN on any rank poisons the averaged gradient everywhere: agree on the
-                        # flag (an async device collective, not a host sync), then let the fused Adam
-                        # skip the update on the device.
-                        if world > 1:
-                            flag = finite.to(torch.int32)
-                            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                            finite = flag.bool()
-                        opt.found_inf = (~finite).to(torch.float32)
-                    engine.step()
-            step += 1
-            if graph is None and step % cfg.ema.every == 0:
-                n = step // cfg.ema.every - 1  # updates done before this one
-                decay = min(cfg.ema.decay, (1 + n) / (10 + n)) if cfg.ema.warmup else cfg.ema.decay
-                ema.update(finite * (1.0 - decay))  # weight 0 on a skipped step: the EMA stays put
-            if graph is None:
-                meter.add_step(finite)
-            if visuals.enabled:
-                visuals.maybe(step, objective, ema, x0 if graph is None else to_model_input(graph.raw[0], device))
-            if bar is not None:
-                bar.update(1)
+def make_step(plan: StepPlan, cfg: TrainConfig, run: Run, opt, meter: Meter, faults: Faults, step: int):
+    """The step the plan asks for: the graph-safe one (captured on CUDA) or DeepSpeed's."""
+    r = run.ranks
+    if plan.graph_safe:
+        return GraphStep(plan, cfg, run.objective, opt, run.ema, meter, run.data, r.rank, r.world, r.micro,
+                         r.device, step, faults)
+    body = StepBody(cfg, DeepSpeedDriver(run.engine), opt, run.ema, meter, faults, r.rank, r.world, r.micro,
+                    r.device, step)
+    return EagerStep(body, run.data)
 
-            # ---- host-side bookkeeping (syncs only here)
-            if step % cfg.log.every == 0 or step == total:
-                stats = meter.reduce()
-                now = time.perf_counter()
-                ips = (step - step_log) * cfg.data.batch_size / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                record = {"step": step, "images": step * cfg.data.batch_size, **stats, "images_per_s": ips,
-                          "peak_memory_bytes": peak_memory_bytes(device), "lr": lr, **data.log_fields()}
-                logger.write(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}",
-                                    nonfinite=stats["nonfinite_steps"], refresh=False)
-                if stats["max_consecutive_nonfinite"] >= cfg.guard.max_consecutive_nonfinite:
-                    raise NonFiniteLoss(
-                        f"stopped at step {step}: the loss was NaN/inf for "
-                        f"{stats['max_consecutive_nonfinite']} consecutive steps "
-                        f"(guard.max_consecutive_nonfinite={cfg.guard.max_consecutive_nonfinite}); those "
-                        f"steps were skipped, the weights are the last good ones; last good checkpoint: "
-                        f"{last_ckpt or 'none written yet'}")
-            if cfg.debug.crash_at_step and step == cfg.debug.crash_at_step:
-                raise SystemExit(99)
-            if cfg.debug.signal_at_step and step == cfg.debug.signal_at_step:
-                os.kill(os.getpid(), signal.SIGTERM)
-            if cfg.debug.step_sleep_s:
-                time.sleep(cfg.debug.step_sleep_s)
-            if cfg.debug.hold_after_step and step == cfg.debug.hold_after_step:
-                hold_for_signal(stop, world)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
-                if float(meter.consecutive) == 0:  # never checkpoint in the middle of a bad streak
-                    last_ckpt = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)
-                elif rank == 0:
-                    print(f"[diti-fast] step {step}: checkpoint skipped (non-finite streak)", flush=True)
-            if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and rank == 0:
-                export(cfg, run_dir, objective, ema)
-            reason = stop_reason(stop, deadline, step, world, cfg.checkpoint.signal_sync_every)
-            if reason is not None and step < total:
-                status = reason
-                if checkpoint_step(last_ckpt) != step:
-                    last_ckpt = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)
-                if reason == "time_limit" and rank == 0:  # a signal's grace period is short: no export
-                    result_export = export(cfg, run_dir, objective, ema)
-                if rank == 0:
-                    why = ("signal received" if reason == "signal" else
-                           f"run.time_limit_minutes={cfg.run.time_limit_minutes:g} reached")
-                    print(f"\n[diti-fast] {why}: checkpoint {last_ckpt} written at step {step}; "
-                          f"relaunch the same command to resume", flush=True)
-                    run_lock.write_status(run_dir, "stopped", reason=reason, step=step, exit_code=EXIT_SIGNAL,
-                                          checkpoint=str(last_ckpt))
-                break
-    finally:
-        stop.close()
-        if samples is not None:
-            samples.close()
-        if bar is not None:
-            bar.close()
-        logger.close()
 
-    result = TrainResult(status, step, run_dir, export=result_export, last_checkpoint=last_ckpt)
-    if status == "done":
-        if checkpoint_step(last_ckpt) != step:
-            result.last_checkpoint = save_checkpoint(cfg, run_dir, engine, ema, data, step, rank, world)
-        if rank == 0:
-            result.export = export(cfg, run_dir, objective, ema)
-            print(f"[diti-fast] done: {step} steps, {step * cfg.data.batch_size} images; EMA weights in "
-                  f"{result.export}", flush=True)
-            run_lock.write_status(run_dir, "done", step=step, exit_code=0, checkpoint=str(result.last_checkpoint))
-        dist.barrier()
-    return result
+def _announce(cfg: TrainConfig, run: Run, plan: StepPlan, step: int, total: int, origin: str) -> None:
+    if not run.ranks.lead:
+        return
+    r, world, lr = run.ranks, run.ranks.world, cfg.lr(run.ranks.world)
+    autocast = run.objective.autocast
+    n_train = sum(p.numel() for _, p in run.objective.trainable())
+    n_all = sum(p.numel() for p in run.objective.parameters())
+    print(f"[diti-fast] stage={cfg.stage} run={run.dir} ranks={world} device={r.device} "
+          f"precision={'bf16-autocast' if autocast else 'fp32'} zero={cfg.deepspeed.zero_stage} "
+          f"batch={cfg.data.batch_size} (micro {r.micro} x accum {cfg.deepspeed.grad_accum} x {world}) "
+          f"lr={lr:g} (optim.lr_rule={cfg.lr_rule()}, optim.lr={cfg.optim.lr:g}) "
+          f"params={n_train / 1e6:.2f}M trainable / {n_all / 1e6:.2f}M steps={step}->{total}"
+          + (f" resumed from {run.last_checkpoint}" if run.last_checkpoint else "") + origin
+          + (" cuda-graph" if plan.capture else ""), flush=True)
+    if plan.reason:
+        print(f"[diti-fast] {plan.reason}", flush=True)
+
+
+class Report:
+    """Host-side bookkeeping after each step: the progress bar, and every ``log.every`` steps (and
+    at the last) the reduced metrics, written, and the non-finite guard. The only host syncs."""
+
+    def __init__(self, cfg: TrainConfig, run: Run, meter: Meter, logger: Logger, step: int, total: int):
+        self.cfg, self.run, self.meter, self.logger, self.total = cfg, run, meter, logger, total
+        self.lr, self.t_log, self.step_log = cfg.lr(run.ranks.world), time.perf_counter(), step
+        self.bar = None
+        if run.ranks.lead and cfg.log.progress:
+            self.bar = tqdm(total=total, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True)
+        if run.ranks.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.ranks.device)
+
+    def after(self, step: int) -> None:
+        cfg = self.cfg
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % cfg.log.every and step != self.total:
+            return
+        stats = self.meter.reduce()
+        now = time.perf_counter()
+        ips = (step - self.step_log) * cfg.data.batch_size / max(now - self.t_log, 1e-9)
+        self.t_log, self.step_log = now, step
+        self.logger.write({"step": step, "images": step * cfg.data.batch_size, **stats, "images_per_s": ips,
+                           "peak_memory_bytes": peak_memory_bytes(self.run.ranks.device), "lr": self.lr,
+                           **self.run.data.log_fields()})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{ips:.1f}",
+                                 nonfinite=stats["nonfinite_steps"], refresh=False)
+        limit = cfg.guard.max_consecutive_nonfinite
+        if stats["max_consecutive_nonfinite"] >= limit:
+            raise NonFiniteLoss(
+                f"stopped at step {step}: the loss was NaN/inf for {stats['max_consecutive_nonfinite']} "
+                f"consecutive steps (guard.max_consecutive_nonfinite={limit}); those steps were skipped, "
+                f"the weights are the last good ones; last good checkpoint: "
+                f"{self.run.last_checkpoint or 'none written yet'}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.logger.close()
+
+
+def _stop_early(run: Run, reason: str, step: int) -> Path | None:
+    """A signal or the time limit: checkpoint (if this step has none), export (time limit only: a
+    signal's grace period is short), tell, record. Returns the export, if any."""
+    if not run.saved_at(step):
+        run.save(step)
+    exported = run.export() if reason == "time_limit" and run.ranks.lead else None
+    if run.ranks.lead:
+        why = ("signal received" if reason == "signal" else
+               f"run.time_limit_minutes={run.cfg.run.time_limit_minutes:g} reached")
+        print(f"\n[diti-fast] {why}: checkpoint {run.last_checkpoint} written at step {step}; "
+              f"relaunch the same command to resume", flush=True)
+        run_lock.write_status(run.dir, "stopped", reason=reason, step=step, exit_code=EXIT_SIGNAL,
+                              checkpoint=str(run.last_checkpoint))
+    return exported
 
 
 # ============================================================================ command line

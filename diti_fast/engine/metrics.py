@@ -95,7 +95,7 @@ class Logger:
         self.bucket_edges = [timesteps * i // t_buckets for i in range(t_buckets + 1)]
         self.tb = None
         if enabled and tensorboard and (tensorboard is True or importlib.util.find_spec("tensorboard")):
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional package, slow import: only when on
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:

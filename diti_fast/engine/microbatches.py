@@ -8,6 +8,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from diti_fast.config import ConfigError
+from diti_fast.data.errors import DataError
+from diti_fast.data.model_input import to_model_input as _convert
+from diti_fast.data.skip_stats import REASONS
 from diti_fast.engine.run_config import TrainConfig
 
 
@@ -47,7 +50,7 @@ class MicroBatches:
             return self.fixed[start:start + self.micro]
         while True:
             if self._it is None:
-                from diti_fast.data import train_loader
+                from diti_fast.data.loader import train_loader  # webdataset (~0.2 s): shard runs only
                 d = self.cfg.data
                 self._loader = train_loader(
                     self.spec, batch_size=self.micro, seed=self.cfg.run.seed, epoch_samples=self.epoch_samples,
@@ -69,7 +72,6 @@ class MicroBatches:
         (a collective: call it on every rank, where the engine reduces its metrics anyway)."""
         if self.cfg.data.source == "fixed":
             return {}
-        from diti_fast.data.skip_stats import REASONS
         counts = Counter(self._skipped)
         if self._loader is not None:
             counts.update(self._loader.stats["skipped_by_reason"])
@@ -86,8 +88,7 @@ _SHARD_SETS: dict = {}
 def shard_set(cfg: TrainConfig, size: int | None = None):
     """(resolved ShardSpec read at ``size``, epoch samples), resolved once per process: a remote
     manifest is fetched, a manifest-less set counted and ``data.verify`` hashed only once."""
-    from diti_fast.data.errors import DataError
-    from diti_fast.data.loader import prepare_spec
+    from diti_fast.data.loader import prepare_spec  # webdataset (~0.2 s): shard runs only
     d = cfg.data
     key = (repr(d.shards), d.verify, d.size_mismatch, d.resample, d.max_consecutive_skips, d.num_samples,
            d.stream_timeout_s, d.stream_stall_s)
@@ -130,5 +131,4 @@ def check_shards(cfg: TrainConfig, world: int, micro: int) -> int | None:
 
 
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    from diti_fast.data import to_model_input as convert
-    return convert(images, device)
+    return _convert(images, device)

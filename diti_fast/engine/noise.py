@@ -92,6 +92,13 @@ def gaussian(seed: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
     return z.reshape(index.shape[0], *shape)
 
 
+def first_index(step, batch_size: int, rank: int, world: int, micro_step: int, micro: int):
+    """The global sample index of the first sample of a micro-batch: ``step · global batch + its
+    position in the global batch`` (rank ``rank``'s slice, then micro-step ``micro_step`` within it).
+    ``step`` (optimiser steps done) is a Python int or a device int64 tensor; the result follows it."""
+    return step * batch_size + rank * (batch_size // world) + micro_step * micro
+
+
 def draw(seed: int, index: torch.Tensor, shape: tuple[int, ...], num_timesteps: int
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [B] int64, ε [B, *shape] float32) for the samples with global indices ``index``."""

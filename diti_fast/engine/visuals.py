@@ -1,6 +1,5 @@
 """Training-time visuals: every ``log.visuals_every`` steps, a grid from the EMA weights into
-``RUN/visuals/step-XXXXXXXX.png`` and TensorBoard (the original's trainer saves a 36-image DDIM-100 grid
-at each evaluation).
+``RUN/visuals/step-XXXXXXXX.png`` and TensorBoard.
 
 * stage ddpm: DDIM samples of the EMA UNet from a fixed noise (the same noise every time, so the grids
   show training progress, not sampling luck);
@@ -16,7 +15,11 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from diti_fast.eval.grids import image_grid, save_grid
+from diti_fast.sampling import ddim_sample, masked_ddim
 
 
 class Visuals:
@@ -44,8 +47,6 @@ class Visuals:
 
     @torch.no_grad()
     def render(self, step: int, objective, ema) -> Path:
-        from ..eval.grids import image_grid, save_grid
-        from ..sampling import ddim_sample, masked_ddim
         cfg, steps = self.cfg, self.cfg.log.visuals_steps
         x0 = self.x0
         g = torch.Generator(device="cpu").manual_seed(cfg.run.seed)
@@ -72,7 +73,6 @@ class Visuals:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = save_grid(self.dir / f"step-{step:08d}.png", grid, labels, cols, title=title)
         if self.tb is not None:
-            import numpy as np
             self.tb.add_image("visuals", np.asarray(image_grid(grid, labels, cols, title=title)), step,
                               dataformats="HWC")
         return path

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diti_fast.engine import graph_step
+from diti_fast.engine import graph_step, loop
 from diti_fast.engine import step as step_module
 from diti_fast.engine.graph_step import StepPlan, capture_blocker, plan_step
 from diti_fast.engine.loop import train
@@ -27,7 +27,7 @@ TINY = {
     # the engine tests' tiny model, with dropout on: its random stream must replay in the graph too
     "model": {**ENGINE_TINY["model"], "unet": {**ENGINE_TINY["model"]["unet"], "dropout": 0.1}},
     "stage": "ddpm",
-    "run": {"threads": 1, "seed": 5},
+    "run": {"threads": 1, "seed": 5, "device": "cpu"},  # the GPU tests ask for run.device=cuda
     "data": {"source": "fixed", "batch_size": 4, "num_workers": 0, "image_size": 16},
     "optim": {"lr": 1e-3, "lr_rule": "none"},
     "deepspeed": {"zero_stage": 0},
@@ -165,3 +165,56 @@ def test_capturable_fused_adam_equals_the_plain_fused_adam():
         runs.append([p.detach() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ a failed capture
+
+class _FailingCapture:
+    """Stands in for ``torch.cuda.graph``: records how it was called, and fails as a capture does
+    when, e.g., another thread's CUDA call invalidates it."""
+
+    calls: list[dict] = []
+
+    def __init__(self, graph, **kwargs):
+        _FailingCapture.calls.append(kwargs)
+
+    def __enter__(self):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be ...")
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_failed_capture_falls_back_to_the_eager_step_with_one_line_and_the_same_weights(tmp_path, capsys,
+                                                                                         monkeypatch):
+    # 6 steps: 3 warm-up steps, the capture attempt at step 4 (which fails), a NaN at step 5 after it.
+    common = ["run.device=cpu", "run.max_images=24", "debug.nan_at_steps=[5]", "deepspeed.grad_accum=2",
+              "ema.every=2", "fast.cuda_graph=true"]
+    train(_cfg(tmp_path / "plain", *common))  # the graph-safe step, never captured
+    plain = _final_state(tmp_path / "plain")
+    capsys.readouterr()
+
+    # The same run planned for capture (as on CUDA), with a capture that fails.
+    monkeypatch.setattr(loop, "plan_step", lambda cfg, device: StepPlan(graph_safe=True, capture=True, reason=None))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", _FailingCapture)
+    _FailingCapture.calls = []
+    captures = []
+    real_capture = graph_step.GraphStep._capture
+    monkeypatch.setattr(graph_step.GraphStep, "_capture",
+                        lambda self: (captures.append(self.calls), real_capture(self))[1])
+    result = train(_cfg(tmp_path / "failed", *common))
+    out = capsys.readouterr().out
+    assert result.status == "done" and result.step == 6
+    assert " cuda-graph" in out  # planned for capture
+    assert captures == [3]  # one attempt, after the warm-up steps
+    assert _FailingCapture.calls == [{"capture_error_mode": "thread_local"}]
+    line = ("[diti-fast] CUDA graph capture failed (RuntimeError: operation not permitted when stream is "
+            "capturing); running the step eagerly from now on")
+    assert [ln for ln in out.splitlines() if "capture failed" in ln] == [line]
+    failed = _final_state(tmp_path / "failed")
+    # The optimiser was made capturable for the planned capture: the one setting that differs.
+    assert [g.pop("capturable") for g in failed["opt"]["param_groups"]] == [True]
+    assert [g.pop("capturable") for g in plain["opt"]["param_groups"]] == [False]
+    _assert_equal(failed, plain)
+    assert {int(v["step"]) for v in failed["opt"]["state"].values()} == {5}  # the NaN step was still skipped

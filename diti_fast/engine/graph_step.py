@@ -33,6 +33,7 @@ that is how the CPU tests show it equals DeepSpeed's step bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,8 @@ class GraphStep:
 
     ``step(step)`` fills the buffers from ``data`` (host side), then runs the body: eagerly for
     the first ``WARMUP_STEPS`` calls or when not capturing, captured on the next call and replayed
-    from then on. It returns the step's all-rank "loss was finite" flag (a device tensor)."""
+    from then on (eagerly from then on if the capture fails). It returns the step's all-rank "loss
+    was finite" flag (a device tensor)."""
 
     def __init__(self, plan: StepPlan, cfg: TrainConfig, objective, opt: torch.optim.Optimizer, ema, meter, data,
                  rank: int, world: int, micro: int, device: torch.device, start_step: int,
@@ -119,27 +121,62 @@ class GraphStep:
 
     def step(self, step: int) -> torch.Tensor:
         self._fill(step)
-        if not self.capture:
-            self.opt.zero_grad(set_to_none=True)  # as DeepSpeed's step leaves them
-            self._body()
-        elif self.graph is None and self.calls < WARMUP_STEPS:
-            side = torch.cuda.Stream(self.device)  # warm-up off the default stream, as capture wants
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.opt.zero_grad(set_to_none=True)
-                self._body()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-        else:
-            if self.graph is None:
-                # Gradients None at capture: the graph's backward allocates them in its own pool,
-                # and every replay writes them afresh (no accumulation across steps).
-                self.opt.zero_grad(set_to_none=True)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self._body()
+        if self.capture and self.graph is None and self.calls >= WARMUP_STEPS:
+            self.graph = self._try_capture()  # None: capture failed, the step runs eagerly from now on
+        if self.graph is not None:
             self.graph.replay()
+        else:
+            with self._side_stream():
+                self.opt.zero_grad(set_to_none=True)  # as DeepSpeed's step leaves them
+                self._body()
         self.calls += 1
         return self.body.finite
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Warm-up steps before a capture run off the default stream, as capture wants (CUDA only)."""
+        if not (self.capture and self.device.type == "cuda"):
+            yield
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _try_capture(self) -> torch.cuda.CUDAGraph | None:
+        """Capture the body; on any failure say why in one line and fall back to the uncaptured step.
+
+        Work recorded during a capture does not run, so the weights, Adam moments and step counts,
+        the EMA, the meter and the step counter are as they were before the attempt. What the
+        attempt leaves on the host side is put back: gradients (allocated in the graph's pool), the
+        autocast weight cache (off only for capture), the CUDA generator's offset."""
+        # Gradients None at capture: the graph's backward allocates them in its own pool,
+        # and every replay writes them afresh (no accumulation across steps).
+        self.opt.zero_grad(set_to_none=True)
+        rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        try:
+            return self._capture()
+        except Exception as e:  # noqa: BLE001 - any capture failure: the eager step is always correct
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"[diti-fast] CUDA graph capture failed ({type(e).__name__}: {first}); "
+                  "running the step eagerly from now on", flush=True)
+        self.capture = False
+        self.opt.zero_grad(set_to_none=True)
+        self.objective.autocast_cache = True
+        self.body.x0 = None
+        if rng is not None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.set_rng_state(rng, self.device)
+        return None
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Record the body as one CUDA graph. Thread-local capture mode: CUDA calls that other
+        threads make meanwhile (a DataLoader's pin-memory thread) neither fail nor invalidate it."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._body()
+        return graph
 
     def _body(self) -> None:
         """The shared step body over the static buffers (device only: no host reads)."""

@@ -24,26 +24,28 @@ import torch
 
 from diti_fast.engine.noise import first_index
 from diti_fast.engine.run_config import TrainConfig
+from diti_fast.engine.run_state import Ranks
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.stopping import StopSignal, hold_for_signal
 from diti_fast.losses import LossOut
 
 
 class Faults:
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, micro: int, device: torch.device,
-                 run_dir: Path | None = None, stop: StopSignal | None = None):
+    def __init__(self, cfg: TrainConfig, ranks: Ranks, run_dir: Path | None = None, stop: StopSignal | None = None):
         d = cfg.debug
-        self.cfg, self.rank, self.world, self.micro, self.stop = cfg, rank, world, micro, stop
-        self.nan_steps = set(d.nan_at_steps) if d.nan_rank in (-1, rank) else set()
-        self.scale = torch.ones((), dtype=torch.float32, device=device) if d.nan_at_steps else None
-        self.samples = SampleLog(run_dir, rank, world) if d.sample_log and run_dir is not None else None
+        self.cfg, self.ranks, self.stop = cfg, ranks, stop
+        self.nan_steps = set(d.nan_at_steps) if d.nan_rank in (-1, ranks.rank) else set()
+        self.scale = torch.ones((), dtype=torch.float32, device=ranks.device) if d.nan_at_steps else None
+        self.samples = (SampleLog(run_dir, ranks.rank, ranks.world) if d.sample_log and run_dir is not None
+                        else None)
 
     def before_step(self, step: int) -> None:
         """Host side, before step ``step + 1`` runs (``step`` steps done)."""
         if self.samples is not None:
+            r = self.ranks
             for m in range(self.cfg.deepspeed.grad_accum):
-                first = first_index(step, self.cfg.data.batch_size, self.rank, self.world, m, self.micro)
-                self.samples.add(step + 1, first, self.micro)
+                self.samples.add(step + 1, first_index(step, self.cfg.data.batch_size, r.rank, r.world, m, r.micro),
+                                 r.micro)
         if self.scale is not None:
             self.scale.fill_(float("nan") if step + 1 in self.nan_steps else 1.0)
 
@@ -64,7 +66,7 @@ class Faults:
         if d.step_sleep_s:
             time.sleep(d.step_sleep_s)
         if d.hold_after_step and step == d.hold_after_step:
-            hold_for_signal(self.stop, self.world)
+            hold_for_signal(self.stop, self.ranks.world)
 
     def close(self) -> None:
         if self.samples is not None:

@@ -26,7 +26,8 @@ and read values back to the host, which a graph cannot replay: those run DeepSpe
 So does ``optim.grad_clip > 0`` (DeepSpeed's clipping). The models of this project fit on one
 GPU many times over (celeba64: 53 M trainable parameters, ffhq128: 82 M; fp32 weights, gradients
 and Adam moments under 1.5 GB), so ZeRO-0 is the presets' default and the fastest correct path.
-Where capture is impossible the run says why in one line and falls back.
+Where capture is impossible the run says why in one line and falls back; so does a capture that
+fails when attempted (GraphStep._try_capture), from then on running the same body uncaptured.
 
 On a CPU (tests) ``fast.cuda_graph=true`` runs the same graph-safe step without capturing it:
 that is how the CPU tests show it equals DeepSpeed's step bit for bit.
@@ -40,6 +41,7 @@ import torch
 
 from diti_fast.engine.faults import Faults
 from diti_fast.engine.run_config import TrainConfig
+from diti_fast.engine.run_state import Ranks
 from diti_fast.engine.step import GraphSafeDriver, StepBody
 
 WARMUP_STEPS = 3  # eager steps before capture: compile, cuDNN autotuning, allocator, lazy caches
@@ -93,9 +95,10 @@ class GraphStep:
                  faults: Faults | None = None):
         self.capture, self.cfg, self.objective, self.opt, self.data = plan.capture, cfg, objective, opt, data
         self.accum, self.device = cfg.deepspeed.grad_accum, device
-        self.faults = faults if faults is not None else Faults(cfg, rank, world, micro, device)
+        ranks = Ranks(rank, world, device, micro)
+        self.faults = faults if faults is not None else Faults(cfg, ranks)
         driver = GraphSafeDriver(objective, opt, self.accum, world)
-        self.body = StepBody(cfg, driver, opt, ema, meter, self.faults, rank, world, micro, device, start_step)
+        self.body = StepBody(cfg, driver, opt, ema, meter, self.faults, ranks, start_step)
         self.raw: list[torch.Tensor] | None = None  # per micro-step [micro, C, H, W] uint8, on first fill
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0

@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     logger = Logger(run_dir, ranks.lead, cfg.log.tensorboard, cfg.log.t_buckets, cfg.model.diffusion.timesteps)
     visuals = Visuals(cfg, run_dir, ranks.lead, logger.tb)  # grids every log.visuals_every steps (0: off)
     stop = StopSignal(cfg.checkpoint.on_signal, ranks.world)
-    faults = Faults(cfg, ranks.rank, ranks.world, micro, ranks.device, run_dir, stop)
+    faults = Faults(cfg, ranks, run_dir, stop)
     stepper = make_step(plan, cfg, run, opt, meter, faults, step)
     report = Report(cfg, run, meter, logger, step, total)
     _announce(cfg, run, plan, step, total, origin)
@@ -233,9 +233,7 @@ def make_step(plan: StepPlan, cfg: TrainConfig, run: Run, opt, meter: Meter, fau
     if plan.graph_safe:
         return GraphStep(plan, cfg, run.objective, opt, run.ema, meter, run.data, r.rank, r.world, r.micro,
                          r.device, step, faults)
-    body = StepBody(cfg, DeepSpeedDriver(run.engine), opt, run.ema, meter, faults, r.rank, r.world, r.micro,
-                    r.device, step)
-    return EagerStep(body, run.data)
+    return EagerStep(StepBody(cfg, DeepSpeedDriver(run.engine), opt, run.ema, meter, faults, r, step), run.data)
 
 
 def _announce(cfg: TrainConfig, run: Run, plan: StepPlan, step: int, total: int, origin: str) -> None:

@@ -29,6 +29,7 @@ from diti_fast.engine.faults import Faults
 from diti_fast.engine.metrics import Meter
 from diti_fast.engine.noise import first_index
 from diti_fast.engine.run_config import TrainConfig
+from diti_fast.engine.run_state import Ranks
 
 
 class DeepSpeedDriver:
@@ -88,11 +89,11 @@ class StepBody:
     tensors (step counter, ``found_inf``, the step's flag), so a CUDA graph of it stays valid."""
 
     def __init__(self, cfg: TrainConfig, driver, opt: torch.optim.Optimizer, ema: EMA, meter: Meter,
-                 faults: Faults, rank: int, world: int, micro: int, device: torch.device, start_step: int):
+                 faults: Faults, ranks: Ranks, start_step: int):
         self.cfg, self.driver, self.ema, self.meter, self.faults = cfg, driver, ema, meter, faults
-        self.rank, self.world, self.micro, self.device = rank, world, micro, device
-        self.accum = cfg.deepspeed.grad_accum
-        self.positions = torch.arange(micro, device=device)
+        self.ranks, self.device, self.accum = ranks, ranks.device, cfg.deepspeed.grad_accum
+        device = ranks.device
+        self.positions = torch.arange(ranks.micro, device=device)
         self.steps_done = torch.full((), start_step, dtype=torch.int64, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)       # the last step's flag
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
@@ -102,7 +103,8 @@ class StepBody:
     def __call__(self, batch: Callable[[int], torch.Tensor]) -> torch.Tensor:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         for m in range(self.accum):
-            first = first_index(self.steps_done, self.cfg.data.batch_size, self.rank, self.world, m, self.micro)
+            r = self.ranks
+            first = first_index(self.steps_done, self.cfg.data.batch_size, r.rank, r.world, m, r.micro)
             self.x0 = to_model_input(batch(m), self.device)
             out, t = self.driver.forward(self.x0, first + self.positions)
             out = self.faults.poison(out)
@@ -110,7 +112,7 @@ class StepBody:
             self.meter.add_samples(out.per_sample, t, out.buckets)
             self.driver.backward(out.loss, last=m == self.accum - 1)
         self.driver.reduce_gradients()
-        if self.world > 1:
+        if self.ranks.world > 1:
             # A NaN on any rank poisons the averaged gradient everywhere: agree on the flag (a
             # device collective, not a host sync); fused Adam then skips the update on the device.
             flag = finite.to(torch.int32)

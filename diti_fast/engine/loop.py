@@ -50,8 +50,9 @@ from diti_fast.engine.graph_step import GraphStep, plan_step
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards, to_model_input
 from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm, load_start_ddpm
-from diti_fast.engine.run_config import (PRESETS, TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
-                                         validate_runtime)
+from diti_fast.engine.config_files import PRESETS, dump_yaml, load_config, resolved_dict
+from diti_fast.engine.resume_rules import resume_conflicts
+from diti_fast.engine.run_config import TrainConfig, validate_runtime
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.stopping import StopSignal, hold_for_signal, stop_reason
 from diti_fast.engine.visuals import Visuals

@@ -44,7 +44,7 @@ class Visuals:
 
     @torch.no_grad()
     def render(self, step: int, objective, ema) -> Path:
-        from ..eval.grids import image_grid, save_grid
+        from ..grids import image_grid, save_grid
         from ..sampling import ddim_sample, masked_ddim
         cfg, steps = self.cfg, self.cfg.log.visuals_steps
         x0 = self.x0

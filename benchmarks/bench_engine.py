@@ -79,7 +79,7 @@ def _ddpm_export(config: str, overrides: list[str], path: Path) -> Path:
     import torch
     from diti_fast.weights import save_export
     from diti_fast.nn import build_unet
-    from diti_fast.engine.run_config import load_config, resolved_dict
+    from diti_fast.engine.config_files import load_config, resolved_dict
     cfg = load_config(config, ["stage=ddpm", "data.source=fixed", *overrides])
     torch.manual_seed(0)
     unet = build_unet(cfg.model)
@@ -109,7 +109,7 @@ def _steady(records: list[dict], warmup: int) -> dict:
 
 def worker_ours(case: str, steps: int, threads: int, out: Path) -> None:
     from diti_fast.engine.loop import train
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config, over = case_overrides(case, steps, CPU_BATCH if case in ("eager", "compiled") else 128,
@@ -185,7 +185,7 @@ def worker_original(steps: int, threads: int, out: Path) -> None:
     from diti_fast.engine import noise
     from diti_fast.engine.microbatches import fixed_batch, to_model_input
     from diti_fast.engine.objective import Objective, load_frozen_ddpm
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     from diti_fast.masks import TimestepMasks
     if threads:
         torch.set_num_threads(threads)

@@ -39,7 +39,7 @@ from diti_fast.engine.ema import EMA  # noqa: E402
 from diti_fast.engine.graph_step import GraphStep, StepPlan  # noqa: E402
 from diti_fast.engine.metrics import Meter  # noqa: E402
 from diti_fast.engine.objective import Objective  # noqa: E402
-from diti_fast.engine.run_config import load_config  # noqa: E402
+from diti_fast.engine.config_files import load_config  # noqa: E402
 
 PRESETS = ["shapes32", "celeba64", "ffhq128", "bedroom128"]
 BATCH = 2

@@ -81,7 +81,7 @@ def prepare(args) -> Path:
     """Shards and the frozen DDPM (cached in the work directory), unless --data / --ddpm name them."""
     from data_shards.synthetic import make_synthetic_shards
     from diti_fast.engine.loop import train
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     from diti_fast.weights import export_path
     if args.data is None and not (args.work / "data" / "manifest.json").is_file():
         make_synthetic_shards(args.work / "data", 4000, image_size=args.image_size, seed=0, maxcount=1000,
@@ -100,7 +100,7 @@ def prepare(args) -> Path:
 
 def worker_engine(args, case: str, out: Path) -> None:
     from diti_fast.engine.loop import train
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     run = args.work / case
     shutil.rmtree(run, ignore_errors=True)  # a case always starts from scratch
     config, over = model_overrides(args.image_size)
@@ -139,7 +139,7 @@ def worker_original(args, case: str, out: Path) -> None:
     from diti_fast.engine import noise
     from diti_fast.engine.microbatches import MicroBatches
     from diti_fast.engine.objective import Objective, load_frozen_ddpm
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     from diti_fast.masks import TimestepMasks
     if args.threads:
         torch.set_num_threads(args.threads)

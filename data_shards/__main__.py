@@ -19,8 +19,13 @@ from pathlib import Path
 from diti_fast.data.errors import DataError, DataWarning
 from diti_fast.data.manifest import IMAGE_FORMATS, read_manifest
 
-from .celeba import SPLITS
+from .celeba import SPLITS, plan_celeba
+from .folder import plan_folder, shuffled
 from .images import RESAMPLE
+from .lfw import convert
+from .lmdbsrc import plan_lmdb
+from .synthetic import make_synthetic_shards
+from .writer import check_out_dir, check_target, write_shards
 
 SOURCES = ("synthetic", "folder", "ffhq", "lsun", "celeba", "lmdb")
 
@@ -146,10 +151,6 @@ def _splits(args) -> tuple[str, ...]:
 
 
 def _make(args) -> int:
-    from .folder import plan_folder, shuffled
-    from .synthetic import make_synthetic_shards
-    from .writer import check_out_dir, check_target, write_shards
-
     size = args.size or (32 if args.source == "synthetic" else 64)
     if args.resample is None:
         args.resample = "bilinear" if args.source in ("celeba", "lmdb") else "bicubic"
@@ -181,15 +182,10 @@ def _make(args) -> int:
             _report(args.out / split, manifest)
 
     if args.source == "celeba":
-        from .celeba import plan_celeba
-
         by_split, attributes, render, config = plan_celeba(args.root, image_size=size, resample=args.resample)
         write_splits(by_split, "celeba", attributes, render, config)
         return 0
     if args.source == "lmdb":
-        from .lmdbsrc import plan_lmdb
-        from .writer import check_out_dir
-
         by_split, attributes, render, config = plan_lmdb(
             args.root, image_size=size, layout=args.layout, attrs=args.attrs, split_sizes=args.split_sizes,
             resample=args.resample)
@@ -225,7 +221,7 @@ def _report(out: Path, manifest: dict) -> None:
 
 
 def _verify(args) -> int:
-    from diti_fast.data.shard_reader import shard_sha256
+    from diti_fast.data.shard_reader import shard_sha256  # lazy: torch and webdataset, which only verify needs
 
     manifest = read_manifest(args.dir)
     bad = 0
@@ -256,7 +252,6 @@ def main(argv=None) -> int:
     warnings.simplefilter("always", DataWarning)
     try:
         if args.command == "lfw-attrs":
-            from .lfw import convert
             counts = convert(args.src, args.out, args.people)
             print(f"{args.out}: {counts['rows']} images x {counts['attributes']} continuous attributes"
                   + (f" ({counts['left_out']} of other persons left out)" if args.people else ""))

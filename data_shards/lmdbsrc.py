@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from diti_fast.data.errors import DataFormatError, MissingFileError
 
@@ -49,7 +50,7 @@ class LmdbMissingError(DataFormatError):
 
 def _lmdb():
     try:
-        import lmdb
+        import lmdb  # lazy: an optional package (the lmdb extra), needed only by --source lmdb
     except ModuleNotFoundError:
         raise LmdbMissingError("--source lmdb needs the lmdb package: pip install 'diti-fast[lmdb]' "
                                "(or pip install lmdb)") from None
@@ -113,7 +114,6 @@ def split_ranges(sizes: tuple[int, ...], length: int, path: Path) -> dict[str, r
 
 
 def decode(data: bytes, layout: str, image_size: int, resample: str) -> np.ndarray:
-    from PIL import Image
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         img = img.convert("RGB")

@@ -17,8 +17,10 @@ generator, so output is identical whatever the worker count, shard size or ``num
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -56,7 +58,6 @@ ATTRIBUTES = [
     {"name": "speckle", "kind": "continuous", "group": "fine"},
 ]
 ATTRIBUTE_NAMES = [a["name"] for a in ATTRIBUTES]
-VARIANTS = ("classic", "clear")
 _PIXELS_PER_CHUNK = 1 << 19  # bounds the float32 working set of one vectorised chunk (~24 MB)
 
 
@@ -133,6 +134,18 @@ def render_samples(indices: list, image_size: int, seed: int, render_fn=None):
         yield Sample(index=int(idx), image=images[i], attrs=attrs[i])
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A synthetic dataset's generator: how a set of it is written and recorded in its manifest."""
+    name: str
+    generator: int                 # recorded in the manifest's config (generator 1: the classic variant)
+    render: Callable               # (indices, image_size, seed) -> (images, attributes), like :func:`render`
+    attributes: list               # the manifest's attribute list, in ``render``'s column order
+
+
+CLASSIC = Variant("classic", 1, render, ATTRIBUTES)
+
+
 def make_synthetic_shards(
     out_dir: str | os.PathLike,
     num: int,
@@ -145,29 +158,27 @@ def make_synthetic_shards(
     progress: bool = False,
     prefix: str = "shard",
     verify: bool = False,
-    variant: str = "classic",
+    variant: Variant = CLASSIC,
     overwrite: bool = False,
 ) -> dict:
     """Write ``num`` synthetic samples as shards into ``out_dir``; returns the manifest.
 
-    ``variant``: ``classic`` (this module) or ``clear`` (:mod:`data_shards.synthetic_clear`: visible
-    fine factors, independent factors; made for the claim run). ``overwrite``: replace a shard set
+    ``variant``: :data:`CLASSIC` (this module) or ``synthetic_clear.CLEAR`` (visible fine factors,
+    independent factors; made for the claim run). ``overwrite``: replace a shard set
     already in ``out_dir`` (otherwise refused; see ``writer.write_shards``)."""
     if num < 1:
         raise ValueError("num must be >= 1")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown synthetic variant {variant!r}; choose one of {VARIANTS}")
-    config = {"source": "synthetic", "generator": 1, "seed": seed, "num": num}
-    renderer, attributes = render_samples, ATTRIBUTES
-    if variant == "clear":
-        from . import synthetic_clear
-        config = dict(config, generator=synthetic_clear.GENERATOR, variant="clear")
-        renderer, attributes = partial(render_samples, render_fn=synthetic_clear.render), synthetic_clear.ATTRIBUTES
+    if not isinstance(variant, Variant):
+        raise ValueError(f"unknown synthetic variant {variant!r}; pass a data_shards.synthetic.Variant "
+                         "(synthetic.CLASSIC or synthetic_clear.CLEAR)")
+    config = {"source": "synthetic", "generator": variant.generator, "seed": seed, "num": num}
+    if variant is not CLASSIC:
+        config["variant"] = variant.name
     return write_shards(
         Path(out_dir),
         items=range(num),
-        render=partial(renderer, image_size=image_size, seed=seed),
-        attributes=attributes,
+        render=partial(render_samples, render_fn=variant.render, image_size=image_size, seed=seed),
+        attributes=variant.attributes,
         image_size=image_size,
         source="synthetic",
         config=config,

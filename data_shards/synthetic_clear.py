@@ -160,3 +160,6 @@ def factor_deltas(num: int = 256, image_size: int = 32, seed: int = 12345) -> di
         other = render_factors(redraw(f, name, rng), image_size) / 127.5
         out[name] = np.sqrt(((other - base).astype(np.float64) ** 2).reshape(num, -1).sum(1))
     return out
+
+
+CLEAR = classic.Variant(VARIANT, GENERATOR, render, ATTRIBUTES)

@@ -6,7 +6,7 @@
     diti-fast demo                                        (= python -m diti_fast.demo, what `make demo` runs)
     diti-fast import-original CKPT.pt --config PRESET --out DIR   (an original run or DDPM -> our export)
     diti-fast doctor                                      (= python -m diti_fast.selfcheck: is this install ready?)
-    diti-fast eval ... / diti-fast sample ...             (when diti_fast.eval.commands is installed)
+    diti-fast eval ... / diti-fast sample ...             (evaluation of an export: diti_fast/eval/commands.py)
 
 Multi-GPU launches go through a launcher and the script path, e.g.
 ``deepspeed --num_gpus 8 diti_fast/train.py --config celeba64``.
@@ -17,11 +17,13 @@ import argparse
 import importlib
 import sys
 
+from .eval.commands import add_subcommands as add_eval_subcommands
+
 
 def _forward(module: str, prog: str):
     """A handler passing the remaining arguments to another command's main(argv)."""
     def run(args) -> int:
-        mod = importlib.import_module(module)
+        mod = importlib.import_module(module)  # lazy: only the chosen command's modules load
         if module == "diti_fast.train":
             return mod.main(args.rest, prog=prog)
         return mod.main(args.rest)
@@ -46,16 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, add_help=False, prefix_chars="\0")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_forward(module, f"diti-fast {name}"))
-    # The evaluation engineer's commands (eval ..., sample) register themselves through this hook
-    # when their module is present; an installation without it simply lacks those commands.
-    try:
-        eval_cli = importlib.import_module("diti_fast.eval.commands")
-    except ModuleNotFoundError as e:
-        if e.name not in ("diti_fast.eval.commands", "diti_fast.eval"):
-            raise
-        eval_cli = None
-    if eval_cli is not None and hasattr(eval_cli, "add_subcommands"):
-        eval_cli.add_subcommands(sub)
+    add_eval_subcommands(sub)
     return ap
 
 

@@ -4,7 +4,7 @@
 
 Everything lands under ``runs/demo``: ``data/train`` and ``data/eval`` (shards, made if absent),
 ``ddpm/`` and ``diti/`` (run directories: config.yaml, metrics.jsonl, checkpoints/, export/), and
-``diti/report/`` when the evaluation package provides ``diti_fast.eval.report.write_report``. Sized
+``diti/report/`` (the evaluation report of the DiTi export on the held-out shards). Sized
 for 15 minutes on 2 CPU cores: each training stage also has a wall-clock budget, so a slower
 machine trains on fewer images instead of overrunning (it then says so). A stage whose export
 exists is skipped; ``--fresh`` starts over.
@@ -18,12 +18,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from data_shards.synthetic import make_synthetic_shards  # noqa: E402
+from diti_fast.engine.config_files import load_config  # noqa: E402
+from diti_fast.engine.loop import train  # noqa: E402
+from diti_fast.eval.report import write_report  # noqa: E402
+from diti_fast.weights import export_path  # noqa: E402
 
 # Lengths in images as every run; the minute caps govern on a slow machine. Measured on 2 cores:
 # see docs/training.md (the demo section) for the timings these were chosen from.
@@ -35,7 +42,6 @@ def _make_shards(out: Path, num: int, seed: int) -> None:
     if (out / "manifest.json").is_file():
         print(f"[demo] shards {out} exist ({num} requested; reusing)", flush=True)
         return
-    from data_shards.synthetic import make_synthetic_shards
     print(f"[demo] making {num} synthetic 32x32 samples (seed {seed}) in {out}", flush=True)
     make_synthetic_shards(out, num, image_size=32, seed=seed, maxcount=2000, workers=os.cpu_count() or 1,
                           progress=True)
@@ -50,9 +56,6 @@ def _last_loss(run: Path) -> float | None:
 
 
 def _stage(name: str, overrides: list[str], run: Path, minutes: float, fresh: bool):
-    from diti_fast.weights import export_path
-    from diti_fast.engine.loop import train
-    from diti_fast.engine.run_config import load_config
     if export_path(run).is_file() and not fresh:
         print(f"[demo] {name}: {export_path(run)} exists, skipping (--fresh to retrain)", flush=True)
         return None
@@ -98,27 +101,17 @@ def main(argv: list[str] | None = None) -> int:
            args.diti_minutes, args.fresh)
     times["diti"] = time.perf_counter() - t
 
-    report = None
-    try:
-        report_mod = importlib.import_module("diti_fast.eval.report")
-    except ModuleNotFoundError:
-        report_mod = None
-    if report_mod is not None and hasattr(report_mod, "write_report"):
-        t = time.perf_counter()
-        import torch
-        device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-        print(f"[demo] evaluation report on {eval_shards}", flush=True)
-        report = report_mod.write_report(diti_run, eval_shards, device)
-        times["report"] = time.perf_counter() - t
-    else:
-        print("[demo] no diti_fast.eval.report.write_report installed: skipping the report", flush=True)
+    t = time.perf_counter()
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    print(f"[demo] evaluation report on {eval_shards}", flush=True)
+    report = write_report(diti_run, eval_shards, device)
+    times["report"] = time.perf_counter() - t
 
     times["total"] = time.perf_counter() - t0
     print("\n[demo] summary")
     for name, run in (("ddpm", ddpm_run), ("diti", diti_run)):
         print(f"  {name}: last logged loss {_last_loss(run)}, export {run / 'export' / 'ema.safetensors'}")
-    if report is not None:
-        print(f"  report: {report}")
+    print(f"  report: {report}")
     print("  time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), flush=True)
     return 0
 

@@ -28,66 +28,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, UNetConfig, comparable, from_dict, load_yaml, to_dict
-from .weights import DDPM_KEYS, RUN_KEYS, CheckpointError, export_path, save_export, torch_load
-
-# The original's encoder classes (encoder_config.model) -> this project's encoder names.
-ENCODER_CLASSES = {"CELEBA64Encoder": "celeba64", "FFHQEncoder": "ffhq128", "BEDROOMEncoder": "bedroom128"}
-
-
-def _compare(pairs, what: str) -> None:
-    """``pairs``: (our dotted field, our value, their field, their value). Raise naming every mismatch."""
-    diffs = [f"{ours}: preset has {a!r}, {theirs} has {b!r}" for ours, a, theirs, b in pairs if comparable(a) != comparable(b)]
-    if diffs:
-        raise ConfigError(f"{what} disagrees with the preset: " + "; ".join(diffs)
-                          + " (choose the preset of that original config, or override the field)")
-
-
-def check_ddpm_config(model_cfg, path: str | Path) -> list[str]:
-    """Check the original DDPM's config.yml against ``model_cfg``; returns the fields it did not check."""
-    data = load_yaml(path)
-    unet = data.get("denoise_fn_config")
-    if not isinstance(unet, dict):
-        raise ConfigError(f"{path}: no denoise_fn_config mapping; is this the config.yml of an original DDPM?")
-    known = {k: v for k, v in unet.items() if k in UNetConfig.__dataclass_fields__ and k != "latent_dim"}
-    theirs = to_dict(from_dict(UNetConfig, {**to_dict(model_cfg.unet), **known}, f"{path}: denoise_fn_config"))
-    ours = to_dict(model_cfg.unet)
-    pairs = [(f"model.unet.{k}", ours[k], f"{path} denoise_fn_config.{k}", theirs[k]) for k in known]
-    diff = data.get("diffusion_config")
-    if isinstance(diff, dict):
-        od = to_dict(model_cfg.diffusion)
-        pairs += [(f"model.diffusion.{k}", od[k], f"{path} diffusion_config.{k}", v) for k, v in diff.items() if k in od]
-    _compare(pairs, f"the DDPM's {path}")
-    return sorted(k for k in unet if k not in known and k not in ("model", "latent_dim"))
-
-
-def check_run_config(cfg, path: str | Path) -> None:
-    """Check the original run's config.yml (masks, mode, encoder, diffusion) against the TrainConfig."""
-    data = load_yaml(path)
-    pairs = []
-    enc = (data.get("encoder_config") or {}).get("model")
-    if enc is not None:
-        pairs.append(("model.encoder.name", cfg.model.encoder.name, f"{path} encoder_config.model",
-                      ENCODER_CLASSES.get(enc, enc)))
-    ssl = data.get("ssl_config")
-    if isinstance(ssl, dict):
-        m = cfg.model.masks
-        pairs += [("model.masks.k", m.k, f"{path} ssl_config.k", ssl.get("k", m.k)),
-                  ("model.masks.stages", m.stages, f"{path} ssl_config.stages", ssl.get("stages")),
-                  ("model.masks.dims_per_stage", m.dims_per_stage, f"{path} ssl_config.dims_per_stage",
-                   ssl.get("dims_per_stage")),
-                  ("diti.mode", cfg.diti.mode, f"{path} ssl_config.pdae_mode", ssl.get("pdae_mode", "base"))]
-        if ssl.get("no_pdae"):
-            raise ConfigError(f"{path}: ssl_config.no_pdae is set: an SSL baseline (SimCLR/SimSiam) without a "
-                              "diffusion decoder, which this project does not train or import")
-    else:
-        pairs.append(("diti.mode", cfg.diti.mode, f"{path} (no ssl_config: the original's PDAE trainer)", "pdae"))
-    diff = data.get("diffusion_config")
-    if isinstance(diff, dict):
-        od = to_dict(cfg.model.diffusion)
-        pairs += [(f"model.diffusion.{k}", od[k], f"{path} diffusion_config.{k}", v) for k, v in diff.items() if k in od]
-    _compare(pairs, f"the run's {path}")
-
+from .config import ConfigError
+from .engine.config_files import load_config, resolved_dict
+from .nn import build_decoder, build_encoder, build_unet
+from .nn.encoder import ENCODER_SPECS
+from .original_configs import check_ddpm_config, check_run_config
+from .weights import (DDPM_KEYS, RUN_KEYS, CheckpointError, export_path, load_original_ddpm, load_original_run,
+                      save_export, torch_load)
 
 def checkpoint_kind(data: dict, path) -> str:
     if all(k in data for k in RUN_KEYS):
@@ -108,10 +55,6 @@ def import_original(ckpt: str | Path, out: str | Path, config: str, overrides: l
                     ddpm_config: str | Path | None = None, run_config: str | Path | None = None,
                     use_ema: bool = True, log=print) -> Path:
     """Convert; returns the export path. Every check runs before the (large) checkpoint is converted."""
-    from .engine.run_config import load_config, resolved_dict
-    from .nn import build_decoder, build_encoder, build_unet
-    from .nn.encoder import ENCODER_SPECS
-    from .weights import load_original_ddpm, load_original_run
     ckpt = Path(ckpt)
     data = torch_load(ckpt)
     kind = checkpoint_kind(data, ckpt)

@@ -1,4 +1,7 @@
-"""Training objectives: the DDPM ε-loss and DiTi's masked shift loss (base / stop_grad / dual / pdae).
+"""Training objectives: the DDPM ε-loss (:func:`ddpm_objective`) and DiTi's masked shift loss
+(:func:`diti_objective`: base / stop_grad / dual / pdae). Each takes the models and returns a
+:class:`LossOut`; the element-wise tensor ops they reduce are :func:`weighted_shift_loss_ref` and,
+fused, ``diti_fast.kernels.diti_loss`` / ``ddpm_loss``.
 
 The caller draws t and ε (the engine keys them by global sample index so results do not depend on
 the number of ranks); these functions are pure given (x0, t, ε).
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .diffusion import Schedule, at_t, q_sample
 from .masks import TimestepMasks
 
@@ -46,23 +50,21 @@ def weighted_shift_loss_ref(eps: torch.Tensor, eps_hat: torch.Tensor, g: torch.T
 
 def shift_loss(eps, eps_hat, g, t, sched: Schedule, fused: bool = False, num_buckets: int = 10) -> LossOut:
     if fused:
-        from diti_fast.kernels import diti_loss
         # t comes from randint(0, T): skip the range check, which would read t back to the host.
-        loss, per_sample, bsum, bcount = diti_loss(eps, eps_hat, g, t, sched.shift_coef, sched.weight,
-                                                   num_buckets=num_buckets, check_t=False)
+        loss, per_sample, bsum, bcount = kernels.diti_loss(eps, eps_hat, g, t, sched.shift_coef, sched.weight,
+                                                           num_buckets=num_buckets, check_t=False)
         return LossOut(loss, per_sample.detach(), (bsum, bcount))
     elem = weighted_shift_loss_ref(eps, eps_hat.to(g.dtype), g, t, sched).float()
     return LossOut(elem.mean(), _per_sample(elem))
 
 
-def ddpm_loss(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
-              fused: bool = False, num_buckets: int = 10) -> LossOut:
+def ddpm_objective(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
+                   fused: bool = False, num_buckets: int = 10) -> LossOut:
     """Plain ε-prediction loss used to pre-train the DDPM: mean((ε − ε_θ(x_t, t))²)."""
     pred = unet(q_sample(sched, x0, t, noise), t)
     if fused:
-        from diti_fast.kernels import ddpm_loss as ddpm_loss_kernel
-        loss, per_sample, bsum, bcount = ddpm_loss_kernel(noise, pred, t, timesteps=sched.timesteps,
-                                                          num_buckets=num_buckets, check_t=False)
+        loss, per_sample, bsum, bcount = kernels.ddpm_loss(noise, pred, t, timesteps=sched.timesteps,
+                                                           num_buckets=num_buckets, check_t=False)
         return LossOut(loss, per_sample.detach(), (bsum, bcount))
     elem = ((noise - pred.to(noise.dtype)) ** 2).float()
     return LossOut(elem.mean(), _per_sample(elem))
@@ -83,9 +85,9 @@ def conditioning(z: torch.Tensor, t: torch.Tensor, masks: TimestepMasks, mode: s
     raise ValueError(f"unknown conditioning mode {mode!r}")
 
 
-def diti_loss(encoder, decoder, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
-              masks: TimestepMasks, mode: str = "base", fused: bool = False, z: torch.Tensor | None = None,
-              num_buckets: int = 10) -> LossOut:
+def diti_objective(encoder, decoder, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sched: Schedule,
+                   masks: TimestepMasks, mode: str = "base", fused: bool = False, z: torch.Tensor | None = None,
+                   num_buckets: int = 10) -> LossOut:
     """DiTi's objective. ``dual`` sums the base and stop_grad losses, as the original."""
     if mode not in MODES:
         raise ValueError(f"unknown DiTi mode {mode!r}; choose one of {MODES}")

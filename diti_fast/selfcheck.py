@@ -17,6 +17,9 @@ import os
 import platform
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError, version
+
+from diti_fast import kernels as K
 
 OK, SKIP, FAIL = "ok", "skipped", "FAILED"
 
@@ -27,10 +30,6 @@ OPTIONAL = {"xformers": "xformers", "lmdb": "lmdb", "tensorboard": "tensorboard"
 
 
 def _version(import_name: str) -> str | None:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return None
     dist = {"yaml": "pyyaml"}.get(import_name, import_name)
     try:
         return version(dist)
@@ -51,7 +50,7 @@ def versions() -> dict:
 
 
 def cuda_device() -> dict:
-    import torch
+    import torch  # lazy: so that doctor lists the versions, a missing torch included, before loading it
     info = {"torch_cuda": torch.version.cuda, "available": torch.cuda.is_available()}
     if info["available"]:
         i = torch.cuda.current_device()
@@ -67,14 +66,13 @@ def _result(status: str, detail: str) -> dict:
 
 def check_triton_kernels() -> dict:
     """Compile and run both fused kernels on a small input; compare with their eager references."""
-    import torch
+    import torch  # lazy: as in cuda_device
     if not torch.cuda.is_available():
         return _result(SKIP, "no CUDA device: Triton compiles for GPUs (the test suite runs the kernels "
                              "interpreted on a CPU, TRITON_INTERPRET=1)")
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _result(SKIP, "TRITON_INTERPRET=1 is set: the kernels would run interpreted, not compiled")
     try:
-        from diti_fast import kernels as K
         dev = torch.device("cuda")
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(2, 64, 8, 8, device=dev, generator=g)
@@ -89,14 +87,14 @@ def check_triton_kernels() -> dict:
         torch.cuda.synchronize()
     except Exception as e:
         return _result(FAIL, f"{type(e).__name__}: {e}".strip()[:800])
-    import triton
+    import triton  # lazy: Linux only (the triton requirement's platform marker)
     return _result(OK, f"adaptive_group_norm and ddpm_loss compiled with Triton {triton.__version__} and "
                        "agree with their references")
 
 
 def check_engine_adam() -> dict:
     """One step of the optimiser the engine uses, against the unfused Adam."""
-    import torch
+    import torch  # lazy: as in cuda_device
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         p1 = torch.nn.Parameter(torch.linspace(-1, 1, 64, device=dev))
@@ -116,8 +114,9 @@ def check_deepspeed_fused_adam(skip: bool = False) -> dict:
     steps with torch's fused Adam; this shows DeepSpeed's CUDA op build works on the node."""
     if skip:
         return _result(SKIP, "--skip-deepspeed-op")
-    import torch
+    import torch  # lazy: as in cuda_device
     try:
+        # lazy: a DeepSpeed that fails to import is this check's FAIL, not doctor's crash
         import deepspeed  # noqa: F401
         from deepspeed.ops.op_builder import FusedAdamBuilder
     except Exception as e:
@@ -130,7 +129,7 @@ def check_deepspeed_fused_adam(skip: bool = False) -> dict:
         if not builder.is_compatible(verbose=False):
             return _result(FAIL, "DeepSpeed reports FusedAdam as not compatible with this torch/CUDA")
         builder.load(verbose=False)
-        from deepspeed.ops.adam import FusedAdam
+        from deepspeed.ops.adam import FusedAdam  # lazy: as above, inside the check's try
         p = torch.nn.Parameter(torch.ones(8, device="cuda"))
         p.grad = torch.ones_like(p)
         FusedAdam([p], lr=1e-3).step()

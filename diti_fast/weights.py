@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ConfigError, FastConfig, ModelConfig, from_dict, to_dict
 from .files import honour_umask
-from .nn import Encoder, ShiftUNet, UNet, build_decoder, build_encoder, build_unet
+from .nn import TRAINABLE, Encoder, ShiftUNet, UNet, build_decoder, build_encoder, build_unet
 
 
 class CheckpointError(ValueError):
@@ -111,7 +113,6 @@ def load_original_ddpm(model: nn.Module, path_or_data, use_ema: bool = True) -> 
     if key is None:
         raise CheckpointError(f"not an original DDPM checkpoint: none of {list(DDPM_KEYS)} among keys "
                               f"{_fmt(list(data))}")
-    from .nn.unet import TRAINABLE
     load_state(model, strip_compile_prefix(data[key]), f"DDPM checkpoint [{key}]", allow_missing=TRAINABLE)
 
 
@@ -130,7 +131,6 @@ def load_original_run(encoder: nn.Module, decoder: nn.Module, path_or_data, use_
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> None:
     """Atomic safetensors write; ``config`` goes into the metadata as JSON."""
-    from safetensors.torch import save_file
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     meta = {"config": json.dumps(config)} if config is not None else None
@@ -142,7 +142,6 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], config: dic
 def load_weights(path: str | Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(tensors, config from the metadata or None): the one safetensors reader. ``tensors=False``
     reads the header only (an empty dict comes back), e.g. to check a config before any work."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")

@@ -73,7 +73,7 @@ def tiny_config(run_dir, *overrides: str):
     """The engine tests' tiny run (32-channel UNet, batch 4, one thread), reading shards."""
     from test_train_engine import TINY  # one tiny model for all engine tests
 
-    from diti_fast.engine.run_config import apply_overrides, build_config
+    from diti_fast.engine.config_files import apply_overrides, build_config
     base = ["data.source=shards", "data.num_workers=0", "data.shuffle_buffer=16", "checkpoint.keep=1"]
     return build_config(apply_overrides(TINY, [f"run.dir={run_dir}", *base, *overrides]), "test")
 

@@ -15,7 +15,7 @@ import torch
 
 from diti_fast.config import FastConfig
 from diti_fast.engine.objective import Objective
-from diti_fast.engine.run_config import apply_overrides, build_config
+from diti_fast.engine.config_files import apply_overrides, build_config
 from diti_fast.nn.blocks import AttentionBlock
 from diti_fast.reference.check import run_check
 

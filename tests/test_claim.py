@@ -278,7 +278,7 @@ def test_the_probe_picks_the_fastest_agreeing_path_and_charges_compile_time(monk
                 "setup_s": setups.get((precision, cl, comp), 0.5), "initial_loss": loss}
     monkeypatch.setattr(speed, "_probe", fake)
     monkeypatch.setattr(speed, "_probe_compiled", lambda u, c, p, b, s, w, t: fake(u, c, p, False, True, b, s, w))
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     model = load_config("claim16", []).model
     # bf16 is faster but disagrees, so fp32 carries on; compile's 200 s setup in a 300 s run leaves
     # 100 s x 200/s = 20,000 images, below channels_last's 300 s x 120/s = 36,000.
@@ -291,7 +291,7 @@ def test_the_probe_picks_the_fastest_agreeing_path_and_charges_compile_time(monk
 
 def test_a_compile_slower_than_its_limit_is_cut_off_and_recorded():
     from diti_fast.claim import speed
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     from diti_fast.nn import UNet
     cfg = load_config("claim16", []).model
     with pytest.raises(speed.CompileTimeout, match="did not finish"):

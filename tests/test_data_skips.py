@@ -186,7 +186,7 @@ def test_two_ranks_report_the_sum_of_their_skips(layout, tmp_path):
     import sys
     from pathlib import Path
 
-    from diti_fast.engine.run_config import dump_yaml
+    from diti_fast.engine.config_files import dump_yaml
     repo = Path(__file__).resolve().parents[1]
     steps, micro = 5, 4  # batch 8 over 2 ranks
     cfg = tiny_config(tmp_path / "two", "stage=ddpm", f"data.shards={layout}", "data.num_samples=400",

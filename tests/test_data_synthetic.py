@@ -65,7 +65,8 @@ def test_manifest_describes_factors(tmp_path):
 
 
 def _recover(img: np.ndarray):
-    """Read the factors back from pixels with trivial rules written from the spec, not the code."""
+    """Read the factors back from pixels with trivial rules written from the dataset's description
+    (docs/data.md), not from the code."""
     im = img.astype(np.float64)
     mask = np.abs(im - np.array(BACKGROUND)).max(-1) > 100  # shape vs background: ≥140 vs ≤60 grey levels
     ys, xs = np.nonzero(mask)

@@ -1,5 +1,6 @@
 """The synthetic dataset's ``clear`` variant: deterministic, visible, independent factors, and its
-stored factors are what the pixels show (read back with rules written from the spec)."""
+stored factors are what the pixels show (read back from the pixels with rules written from the
+variant's definition in data_shards/synthetic_clear.py)."""
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ def test_deterministic_and_order_independent():
 
 
 def test_shards_of_the_clear_variant(tmp_path):
-    m = make_synthetic_shards(tmp_path, 90, image_size=S, seed=2, maxcount=40, variant="clear")
+    m = make_synthetic_shards(tmp_path, 90, image_size=S, seed=2, maxcount=40, variant=sc.CLEAR)
     assert m["params"]["variant"] == "clear" and m["params"]["generator"] == sc.GENERATOR
     assert [a["name"] for a in read_manifest(tmp_path)["attributes"]] == sc.ATTRIBUTE_NAMES
     ref_img, ref_att = sc.render(range(90), S, seed=2)

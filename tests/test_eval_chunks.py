@@ -13,10 +13,10 @@ def _cfg(**masks) -> ModelConfig:
     return ModelConfig(masks=MaskConfig(**masks))
 
 
-def test_stage_groups_match_the_spec():
+def test_stage_groups_match_the_documented_stages():
     cfg = _cfg(k=64, stages=(50, 100, 300, 500, 1000), dims_per_stage=(10, 25, 327, 100, 50))
     groups = chunk_groups(cfg)
-    # Spec §3: chunks per stage 4, 3, 13, 12, 32; effective boundaries t = 63, 110, 313, 500.
+    # docs/method.md §3: chunks per stage 4, 3, 13, 12, 32; effective boundaries t = 63, 110, 313, 500.
     assert [g.chunk_hi - g.chunk_lo for g in groups] == [4, 3, 13, 12, 32]
     assert [(g.dim_lo, g.dim_hi) for g in groups] == [(0, 10), (10, 35), (35, 362), (362, 462), (462, 512)]
     assert [g.t_hi for g in groups] == [63, 110, 313, 500, 1000]

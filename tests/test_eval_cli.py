@@ -129,14 +129,15 @@ def test_interpolate_reconstruct_and_sample(env, tmp_path, monkeypatch):
     """The commands write PNG grids of what the method says they show: an interpolation's ends are A's
     and B's reconstructions (α = 0: A's z and x_T; α = 1: B's), the reconstruction metrics are those of
     the drawn images, and sampling is seeded."""
-    from diti_fast.eval import grids
+    from diti_fast import grids
+    from diti_fast.eval import commands
     shown = {}
     real_save = grids.save_grid
 
     def spy(path, images, *args, **kwargs):  # the image tensors each command draws, by output name
         shown[Path(path).stem] = images.detach().clone()
         return real_save(path, images, *args, **kwargs)
-    monkeypatch.setattr(grids, "save_grid", spy)
+    monkeypatch.setattr(commands, "save_grid", spy)
     main(["counterfactual", "--run", str(env / "run"), "--data", str(env / "shards"), "--loc", "4", "--width", "8",
           "--fixed-noise", "--no-mirror", "--steps", "2", "--invert-steps", "2", "--out", str(tmp_path / "f.png")])
     main(["interpolate", "--run", str(env / "run"), "--data", str(env / "shards"), "--num", "3", "--steps", "2",

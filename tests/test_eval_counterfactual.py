@@ -1,4 +1,4 @@
-"""Counterfactual algebra (spec §7): chunk ranges, the z mix and slerp, checked against closed forms
+"""Counterfactual algebra (docs/method.md §7): chunk ranges, the z mix and slerp, checked against closed forms
 and against the k_masks table built independently by TimestepMasks."""
 import math
 
@@ -18,8 +18,8 @@ def masks():
     return TimestepMasks.build(UNEQUAL, 512, 1000)
 
 
-def test_chunk_dims_against_spec_table(masks):
-    # Spec §3: E = [2, 4, 6, 10, 18, 26, 35, 60, ...]; chunks [2, 6) are dims [E_1, E_5) = [4, 26).
+def test_chunk_dims_against_the_documented_end_dims(masks):
+    # docs/method.md §3: E = [2, 4, 6, 10, 18, 26, 35, 60, ...]; chunks [2, 6) are dims [E_1, E_5) = [4, 26).
     assert chunk_dims(masks.end_dims, 2, 6) == (4, 26)
     assert chunk_dims(masks.end_dims, 0, 4) == (0, 10)
     assert chunk_dims(masks.end_dims, 32, 64) == (462, 512)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diti_fast.eval.grids import image_grid, save_grid, to_uint8
+from diti_fast.grids import image_grid, save_grid, to_uint8
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -20,7 +20,7 @@ from diti_fast.engine import graph_step, loop
 from diti_fast.engine import step as step_module
 from diti_fast.engine.graph_step import StepPlan, capture_blocker, plan_step
 from diti_fast.engine.loop import train
-from diti_fast.engine.run_config import apply_overrides, build_config
+from diti_fast.engine.config_files import apply_overrides, build_config
 from test_train_engine import TINY as ENGINE_TINY
 
 TINY = {

@@ -10,7 +10,7 @@ import yaml
 from data_shards import synthetic
 from diti_fast.config import ConfigError, to_dict
 from diti_fast.engine.objective import check_init_ddpm
-from diti_fast.engine.run_config import load_config
+from diti_fast.engine.config_files import load_config
 from diti_fast.eval.commands import main as eval_main
 from diti_fast.eval.features import cached_features
 from diti_fast.import_original import import_original, main as import_main

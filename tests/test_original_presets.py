@@ -7,7 +7,8 @@ from PIL import Image
 
 from diti_fast.config import ConfigError
 from diti_fast.engine.loop import train
-from diti_fast.engine.run_config import apply_overrides, build_config, load_config, resume_conflicts
+from diti_fast.engine.config_files import apply_overrides, build_config, load_config
+from diti_fast.engine.resume_rules import resume_conflicts
 
 # Facts of the original's config files (config/<folder>/<file>.yml): pdae_mode (or pdae.yml), balanced
 # (no stages), max_images, global batch, lr.

@@ -44,7 +44,7 @@ def test_checker_cli_fails_on_a_perturbed_quantity(fixture_path, tmp_path):
     assert "FAIL" in line
 
 
-# The tolerances of shared/reference/README.md, written out here (not read from the checker), so a
+# The tolerances of tests/fixtures/golden/README.md, written out here (not read from the checker), so a
 # checker that drifts looser or tighter than the documented threshold fails below.
 def _documented_tol(kind: str, ref: torch.Tensor, fx: dict) -> float:
     scale = ref.abs().max().item()
@@ -188,7 +188,7 @@ def test_checker_passes_with_each_cpu_attention_backend(fixture_path, attention)
 
 # ----------------------------------------------------------------------------- closed forms
 
-SPEC_TABLE = {  # t: (alpha_bar, c_t, w_t) as printed in the spec (rounded)
+METHOD_TABLE = {  # t: (alpha_bar, c_t, w_t) as printed in docs/method.md §2 (rounded)
     0: ("0.99990", "0", "2.512e-4"), 1: ("0.99978", "-0.0067436", "5.106e-4"),
     10: ("0.99781", "-0.040452", "4.045e-3"), 100: ("0.89514", "-0.31769", "0.12994"),
     500: ("0.077797", "-0.95465", "0.72018"), 999: ("4.0358e-5", "-0.98993", "0.36356"),
@@ -196,14 +196,14 @@ SPEC_TABLE = {  # t: (alpha_bar, c_t, w_t) as printed in the spec (rounded)
 
 
 def _half_ulp(printed: str) -> float:
-    """Half a unit in the last printed digit: the rounding error of the spec's table."""
+    """Half a unit in the last printed digit: the rounding error of that table."""
     mant = printed.lower().split("e")[0]
     exp = int(printed.lower().split("e")[1]) if "e" in printed.lower() else 0
     decimals = len(mant.split(".")[1]) if "." in mant else 0
     return 0.5 * 10 ** (exp - decimals)
 
 
-def test_schedule_matches_closed_form_and_spec_table():
+def test_schedule_matches_closed_form_and_method_table():
     s = make_schedule(DiffusionConfig())
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     ac = torch.cumprod(1 - betas, 0)
@@ -220,7 +220,7 @@ def test_schedule_matches_closed_form_and_spec_table():
     assert ((s.shift_coef.double() - c).abs() / c.abs().clamp_min(1e-30))[1:].max() < 1e-5
     assert ((s.weight.double() - w).abs() / w).max() < 1e-5
     assert s.shift_coef[0].item() == 0.0  # c_0 == 0 exactly
-    for t, row in SPEC_TABLE.items():
+    for t, row in METHOD_TABLE.items():
         for ours, printed in zip((s.alphas_cumprod[t], s.shift_coef[t], s.weight[t]), row):
             assert abs(ours.item() - float(printed)) <= _half_ulp(printed) + 1e-5 * abs(float(printed)), (t, printed)
 
@@ -266,7 +266,7 @@ def _tiny_models(seed=0):
 
 
 def test_shift_output_is_zero_at_init_and_only_shift_out_gets_gradient():
-    from diti_fast.losses import diti_loss
+    from diti_fast.losses import diti_objective
     cfg, enc, dec = _tiny_models()
     sched = make_schedule(cfg.diffusion)
     masks = TimestepMasks.build(cfg.masks, 512, 1000)
@@ -275,18 +275,18 @@ def test_shift_output_is_zero_at_init_and_only_shift_out_gets_gradient():
     noise = torch.randn_like(x0)
     _, g = dec(x0, t, enc(x0))
     assert torch.count_nonzero(g) == 0
-    diti_loss(enc, dec, x0, t, noise, sched, masks).loss.backward()
+    diti_objective(enc, dec, x0, t, noise, sched, masks).loss.backward()
     nonzero = {n for n, p in list(dec.named_parameters()) + [("enc." + n, p) for n, p in enc.named_parameters()]
                if p.grad is not None and torch.count_nonzero(p.grad) > 0}
     assert nonzero == {"shift_out.2.weight", "shift_out.2.bias"}
 
 
 MAIN_END_DIMS = ([2, 4, 6, 10] + [18, 26, 35] + list(range(60, 336, 25)) + [362] + list(range(370, 451, 8))
-                 + [462] + list(range(463, 494)) + [512])  # the spec's prefix ends of MAIN_MASKS
+                 + [462] + list(range(463, 494)) + [512])  # docs/method.md §3's prefix ends of MAIN_MASKS
 
 
 def _hand_mask(t: torch.Tensor, dim: int = 512) -> torch.Tensor:
-    """m_t written from the spec: chunk = floor(t·64/1000), dims [0, end(chunk)) visible."""
+    """m_t written from docs/method.md §3: chunk = floor(t·64/1000), dims [0, end(chunk)) visible."""
     ends = torch.tensor([MAIN_END_DIMS[int(v) * 64 // 1000] for v in t])
     return (torch.arange(dim)[None, :] < ends[:, None]).float()
 
@@ -294,7 +294,7 @@ def _hand_mask(t: torch.Tensor, dim: int = 512) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["base", "stop_grad"])
 def test_masked_dims_of_z_do_not_change_g(mode):
     # The project's own masking (conditioning) on UNMASKED latents: z and z2 differ only where the
-    # spec's m_t is 0, so G must be bitwise the same; a change in the last visible dim must show.
+    # m_t (docs/method.md §3) is 0, so G must be bitwise the same; a change in the last visible dim must show.
     from diti_fast.losses import conditioning
     cfg, enc, dec = _tiny_models()
     with torch.no_grad():  # make every path live so the comparison means something
@@ -306,7 +306,7 @@ def test_masked_dims_of_z_do_not_change_g(mode):
     z = torch.randn(4, 512)
     m = _hand_mask(t)
     assert 0 < m.sum() < m.numel()
-    z2 = z + torch.randn_like(z) * 10 * (1 - m)  # change only the dims the spec hides
+    z2 = z + torch.randn_like(z) * 10 * (1 - m)  # change only the dims m_t hides
     last = torch.zeros_like(z)
     last[torch.arange(4), m.sum(1).long() - 1] = 0.5  # the last visible dim of each sample
     with torch.no_grad():
@@ -327,12 +327,12 @@ def _hand_chunk_mask(t: torch.Tensor, dim: int = 512) -> torch.Tensor:
     return ((d >= lo[:, None]) & (d < torch.tensor([MAIN_END_DIMS[c] for c in chunk])[:, None])).float()
 
 
-def test_diti_loss_modes_match_a_float64_formula():
-    """Each mode's loss and its gradients (to z and to the shift decoder) against the spec written out
+def test_diti_objective_modes_match_a_float64_formula():
+    """Each mode's loss and its gradients (to z and to the shift decoder) against docs/method.md §5 written out
     here in float64: L(cond) = mean(w_t·(ε − ε̂ − c_t·G)²), x_t = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε; base
     conditions on z ⊙ m_t; stop_grad has base's value but sends z only the current chunk's cotangent;
     dual = base + stop_grad; pdae conditions on the unmasked z."""
-    from diti_fast.losses import diti_loss
+    from diti_fast.losses import diti_objective
     cfg, _, dec = _tiny_models(seed=3)
     with torch.no_grad():
         for p in dec.trainable_parameters():
@@ -370,7 +370,7 @@ def test_diti_loss_modes_match_a_float64_formula():
         "pdae": unmasked,
     }
     for mode, (value, dz, d_dec) in expected.items():
-        out = diti_loss(None, dec, x0, t, noise, sched, masks, mode, z=z)
+        out = diti_objective(None, dec, x0, t, noise, sched, masks, mode, z=z)
         got_dz, *got_dec = torch.autograd.grad(out.loss, [z] + dec_params)
         # The loss is accumulated in fp32 (as in training): float32 rounding relative to the largest
         # gradient (parameters feeding a GroupNorm have a true gradient of 0 and get only that noise).
@@ -423,8 +423,8 @@ def test_ddim_samplers_recover_x0_with_an_oracle_denoiser():
 
 class _GuidedOracle(torch.nn.Module):
     """A decoder whose shift branch matters: ε̂ = e*(x, t) + sqrt(1 − ᾱ_t)·G(z ⊙ m_t) with e* the exact
-    noise of a known x0 and m_t the spec's mask, and G(cond) returned for whatever cond the sampler
-    passes. Masked DDIM lands on x0 only if it conditions on z ⊙ m_t AND subtracts exactly
+    noise of a known x0 and m_t the prefix mask of docs/method.md §3, and G(cond) returned for whatever
+    cond the sampler passes. Masked DDIM lands on x0 only if it conditions on z ⊙ m_t AND subtracts exactly
     sqrt(1 − ᾱ_t)·G (the training c_t would leave c_t·G − sqrt(1 − ᾱ_t)·G ≠ 0 in ε)."""
 
     def __init__(self, x0, sched, z):

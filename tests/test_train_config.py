@@ -10,8 +10,9 @@ from diti_fast.engine import noise
 from diti_fast.config import ConfigError
 from diti_fast.engine.ema import EMA
 from diti_fast.engine.loop import main
-from diti_fast.engine.run_config import (PRESETS, apply_overrides, build_config, load_config, resume_conflicts,
-                                    validate_runtime)
+from diti_fast.engine.config_files import PRESETS, apply_overrides, build_config, load_config
+from diti_fast.engine.resume_rules import resume_conflicts
+from diti_fast.engine.run_config import validate_runtime
 
 
 def test_presets_load_and_hold_the_original_hyper_parameters():
@@ -98,6 +99,29 @@ def test_runtime_checks_name_the_fields():
         validate_runtime(x, world_size=1, device_type="cpu")
 
 
+@pytest.mark.parametrize("graph", ["fast.cuda_graph=true", "run.device=cuda"])
+def test_max_autotune_is_refused_with_the_step_graph(graph):
+    # max-autotune's own CUDA graphs would be captured inside the whole-step graph.
+    base = ["init.ddpm=x", "data.shards=d", "fast.compile=true", "fast.compile_mode=max-autotune"]
+    with pytest.raises(ConfigError) as e:
+        build_config(apply_overrides({}, base + [graph]))
+    msg = str(e.value)
+    assert "fast.compile_mode='max-autotune'" in msg and "fast.cuda_graph=" in msg
+    assert "max-autotune-no-cudagraphs" in msg and "CUDA graphs" in msg
+
+
+def test_max_autotune_with_cuda_graph_auto_is_decided_at_launch():
+    base = ["init.ddpm=x", "data.shards=d", "fast.compile=true", "fast.compile_mode=max-autotune"]
+    auto = build_config(apply_overrides({}, base))  # run.device auto: only the launch knows the device
+    validate_runtime(auto, world_size=1, device_type="cpu")
+    with pytest.raises(ConfigError, match=r"fast\.compile_mode='max-autotune'.*fast\.cuda_graph=auto on CUDA"):
+        validate_runtime(auto, world_size=1, device_type="cuda")
+    # what stays allowed: no graph, the no-cudagraphs mode, max-autotune without compile
+    for ok in (["fast.cuda_graph=false", "run.device=cuda"], ["fast.compile_mode=max-autotune-no-cudagraphs",
+               "fast.cuda_graph=true"], ["fast.compile=false", "fast.cuda_graph=true"]):
+        validate_runtime(build_config(apply_overrides({}, base + ok)), world_size=1, device_type="cuda")
+
+
 def test_extends_merges_sections(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("extends: shapes32\noptim:\n  lr: 5.0e-4\n")
@@ -112,7 +136,7 @@ def test_extends_merges_sections(tmp_path):
 
 def test_resume_conflicts_ignore_length_and_logging_but_not_the_maths():
     a = build_config(apply_overrides({}, ["init.ddpm=x", "data.shards=d"]))
-    from diti_fast.engine.run_config import resolved_dict
+    from diti_fast.engine.config_files import resolved_dict
     b = build_config(apply_overrides({}, ["init.ddpm=x", "data.shards=d", "run.max_images=1000000",
                                           "log.every=7", "checkpoint.every=3"]))
     assert resume_conflicts(resolved_dict(a), resolved_dict(b)) == []

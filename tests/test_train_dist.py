@@ -24,7 +24,7 @@ import yaml
 
 from diti_fast.engine.loop import train
 from helpers import tree_diff
-from diti_fast.engine.run_config import apply_overrides, build_config
+from diti_fast.engine.config_files import apply_overrides, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -111,7 +111,7 @@ def _diti_loss_on_fixed_batch(export, shards, zero_shift=False) -> float:
     import torch
     from diti_fast.diffusion import make_schedule
     from diti_fast.eval.features import load_images
-    from diti_fast.losses import diti_loss
+    from diti_fast.losses import diti_objective
     from diti_fast.masks import TimestepMasks
     mc = export.model_cfg
     decoder = copy.deepcopy(export.decoder).eval()
@@ -124,5 +124,5 @@ def _diti_loss_on_fixed_batch(export, shards, zero_shift=False) -> float:
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     masks = TimestepMasks.build(mc.masks, mc.unet.latent_dim, mc.diffusion.timesteps)
     with torch.no_grad():
-        return float(diti_loss(export.encoder.eval(), decoder, x0, t, noise, make_schedule(mc.diffusion),
-                               masks, "base").loss)
+        return float(diti_objective(export.encoder.eval(), decoder, x0, t, noise, make_schedule(mc.diffusion),
+                                    masks, "base").loss)

@@ -14,7 +14,7 @@ import torch
 
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine.loop import NonFiniteLoss, train
-from diti_fast.engine.run_config import apply_overrides, build_config
+from diti_fast.engine.config_files import apply_overrides, build_config
 from helpers import spy_on_kernels, tree_diff
 
 TINY = {

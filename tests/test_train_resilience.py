@@ -26,7 +26,7 @@ import yaml
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine import run_lock
 from diti_fast.engine.loop import train
-from diti_fast.engine.run_config import apply_overrides, build_config
+from diti_fast.engine.config_files import apply_overrides, build_config
 from diti_fast.engine.sample_log import read_indices
 from helpers import tree_diff  # noqa: E402 - tests/ is on sys.path (no __init__.py)
 

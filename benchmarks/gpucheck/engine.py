@@ -62,7 +62,7 @@ def worker_engine(out: Path, tmp: Path, deadline: float, steps: int, batch: int 
     import torch
     from diti_fast.weights import save_export
     from diti_fast.nn import build_unet
-    from diti_fast.engine.run_config import load_config, resolved_dict
+    from diti_fast.engine.config_files import load_config, resolved_dict
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

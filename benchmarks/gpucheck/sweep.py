@@ -33,7 +33,7 @@ def _runner(cfg_path: str, batch: int, channels_last: bool, graph: bool, dev):
     from diti_fast.engine.graph_step import GraphStep, StepPlan
     from diti_fast.engine.metrics import Meter
     from diti_fast.engine.objective import Objective
-    from diti_fast.engine.run_config import load_config
+    from diti_fast.engine.config_files import load_config
     cfg = load_config(cfg_path, ["data.source=fixed", f"data.batch_size={batch}", "fast.compile=false",
                                  f"fast.channels_last={str(channels_last).lower()}", "deepspeed.grad_accum=1"])
     torch.manual_seed(0)

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else argv
 
+    # lazy: torch and the pipeline load after the arguments are parsed (--help and usage errors stay instant)
     import torch
     from . import pipeline as P
     from .report import plots, write_markdown

@@ -22,6 +22,7 @@ from ..losses import conditioning, weighted_shift_loss_ref
 from ..masks import TimestepMasks
 from .bayes import Design, bayes_eps_mse
 from .stage_share import Distances, distances, stage_slices
+from ..eval.sample import ddpm_samples
 
 BUCKETS = 10
 
@@ -140,7 +141,6 @@ def nearest_combination(design: Design, x: torch.Tensor) -> tuple[np.ndarray, np
 def sample_validity(ex, design: Design, n: int, steps: int, max_rms: float, seed: int = 0) -> dict:
     """DDIM samples of the DDPM judged against the design: valid when the nearest combination is
     within ``max_rms`` (model units, RMS over pixels)."""
-    from ..eval.sample import ddpm_samples
     x = ddpm_samples(ex, n, steps, seed=seed, image_size=S.IMAGE_SIZE)
     k, rms = nearest_combination(design, x)
     valid = rms <= max_rms
@@ -153,6 +153,7 @@ def probe_skills(z: np.ndarray, values: np.ndarray, dims_per_stage, seed: int = 
     """Secondary metric: per factor, a logistic probe's normalised skill ((acc − 1/n)/(1 − 1/n), on
     the second half of the images after fitting on the first) from the first stage's dims, and
     from as many dims drawn at random from the whole latent (mean over ``random_draws`` draws)."""
+    # lazy: sklearn, ~1 s, for this one secondary metric
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     rng = np.random.default_rng(seed)

@@ -20,11 +20,12 @@ import numpy as np
 from data_shards import synthetic_staged as S
 from data_shards.synthetic_staged import make_staged_shards
 
+from ..engine.config_files import load_config
 from ..engine.loop import train
-from ..engine.run_config import load_config
 from ..eval.features import load_run
-from ..eval.report import jsonable
+from ..eval.jsonable import jsonable
 from ..files import write_text_atomic
+from ..grids import save_grid
 from . import bayes, measure, speed
 from . import stage_share as SS
 from .plan import Plan
@@ -184,7 +185,6 @@ def phase_ddpm_gate(ctx: Context) -> dict:
         excess = [cmp["ddpm"][i] - cmp["bayes"][i] for i in below]
         samples = measure.sample_validity(ex, ctx.design, p.sample_count, p.sample_steps, p.sample_max_rms)
         imgs = samples.pop("images")
-        from ..eval.grids import save_grid
         ncol = min(8, len(imgs))
         rows = max(1, min(4, len(imgs) // ncol))
         save_grid(ctx.work / "ddpm_samples.png", imgs[:rows * ncol].reshape(rows, ncol, *imgs.shape[1:]),

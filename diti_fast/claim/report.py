@@ -8,6 +8,7 @@ import numpy as np
 
 
 def _plt():
+    # lazy: matplotlib is slow to import, and its backend must be chosen before pyplot loads
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -11,12 +11,13 @@ within ``LOSS_AGREEMENT``. The chosen one maximises the images a run of
 from __future__ import annotations
 
 import copy
+import multiprocessing as mp
 import time
 
 import torch
 
 from ..diffusion import make_schedule
-from ..losses import ddpm_loss
+from ..losses import ddpm_objective
 from ..nn import UNet
 
 LOSS_AGREEMENT = 0.01  # relative
@@ -38,7 +39,7 @@ def _probe(unet0, cfg, precision: str, channels_last: bool, compile_: bool, batc
 
     def loss_of():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return ddpm_loss(model, x0, t, eps, sched).loss
+            return ddpm_objective(model, x0, t, eps, sched).loss
 
     t_start = time.perf_counter()
     first = float(loss_of().detach())
@@ -109,7 +110,6 @@ def _compiled_child(q, unet0, cfg, precision, batch, steps, warmup) -> None:
 def _probe_compiled(unet0, cfg, precision, batch, steps, warmup, timeout: float) -> dict:
     """The compile candidate in a child process, so that a compile slower than ``timeout`` seconds
     is cut off and recorded instead of eating the run's budget."""
-    import multiprocessing as mp
     ctx = mp.get_context("spawn")  # a fresh interpreter: forking a process with a live OpenMP pool is unsafe
     q = ctx.Queue()
     p = ctx.Process(target=_compiled_child, args=(q, unet0, cfg, precision, batch, steps, warmup))

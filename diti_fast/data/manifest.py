@@ -67,7 +67,7 @@ def read_manifest(location: str | os.PathLike, limits=None) -> dict[str, Any]:
 
 
 def _read_remote(url: str, limits=None) -> dict[str, Any]:
-    from .shard_reader import DEFAULT_LIMITS, exit_reason, open_shard  # webdataset's opener
+    from .shard_reader import DEFAULT_LIMITS, exit_reason, open_shard  # lazy: webdataset; the writer needs none
 
     if url.startswith("pipe:"):
         raise DataError(f"{url}: a manifest read through pipe: has no location for its shard names; "

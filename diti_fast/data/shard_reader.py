@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tarfile
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
@@ -332,8 +333,6 @@ def count_samples(url: str, on_sample=None, limits: StreamLimits = DEFAULT_LIMIT
     """Samples in one shard, for shard sets without a manifest: tar headers only when local and
     plain, else one streaming pass (``on_sample`` sees each sample, e.g. to collect labels)."""
     if is_local(url) and on_sample is None:
-        import tarfile
-
         keys = 0
         last = None
         try:

@@ -53,8 +53,9 @@ from diti_fast.engine.graph_step import GraphStep, StepPlan, plan_step
 from diti_fast.engine.metrics import Logger, Meter, peak_memory_bytes
 from diti_fast.engine.microbatches import MicroBatches, check_shards
 from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_ddpm, load_start_ddpm
-from diti_fast.engine.run_config import (PRESETS, TrainConfig, dump_yaml, load_config, resolved_dict, resume_conflicts,
-                                         validate_runtime)
+from diti_fast.engine.config_files import PRESETS, dump_yaml, load_config, resolved_dict
+from diti_fast.engine.resume_rules import resume_conflicts
+from diti_fast.engine.run_config import TrainConfig, validate_runtime
 from diti_fast.engine.run_state import Ranks, Run
 from diti_fast.engine.step import DeepSpeedDriver, EagerStep, StepBody
 from diti_fast.engine.stopping import StopSignal, stop_reason

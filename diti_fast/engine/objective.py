@@ -17,10 +17,11 @@ from diti_fast.config import ConfigError, channels_last_on, comparable, to_dict
 from diti_fast.diffusion import make_schedule
 from diti_fast.engine import noise
 from diti_fast.engine.run_config import TrainConfig
-from diti_fast.losses import ddpm_loss, diti_loss
+from diti_fast.losses import ddpm_objective, diti_objective
 from diti_fast.masks import TimestepMasks
 from diti_fast.nn import TRAINABLE, build_decoder, build_encoder, build_unet, set_channels_last
 from diti_fast.nn.blocks import to_layout
+from diti_fast.original_configs import check_ddpm_config
 from diti_fast.weights import (CheckpointError, export_path, load_original_ddpm, load_state, load_weights,
                                split_prefixed)
 
@@ -72,10 +73,10 @@ class Objective(nn.Module):
                if self.autocast else contextlib.nullcontext())
         with ctx:
             if self.stage == "ddpm":
-                out = ddpm_loss(self.unet, x0, t, eps, self.sched, self.fused_loss, self.t_buckets)
+                out = ddpm_objective(self.unet, x0, t, eps, self.sched, self.fused_loss, self.t_buckets)
             else:
-                out = diti_loss(self.encoder, self.decoder, x0, t, eps, self.sched, self.masks,
-                                self.mode, self.fused_loss, num_buckets=self.t_buckets)
+                out = diti_objective(self.encoder, self.decoder, x0, t, eps, self.sched, self.masks,
+                                     self.mode, self.fused_loss, num_buckets=self.t_buckets)
         return out, t
 
 
@@ -96,7 +97,6 @@ def check_init_ddpm(cfg: TrainConfig) -> Path:
         # The original's checkpoint holds no config; its keys/shapes are checked on load, and the
         # config.yml beside it (when present) for what shapes cannot show (heads, attention order).
         if (path.parent / "config.yml").is_file():
-            from diti_fast.import_original import check_ddpm_config
             check_ddpm_config(cfg.model, path.parent / "config.yml")
         return path
     try:

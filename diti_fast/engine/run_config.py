@@ -1,38 +1,20 @@
-"""The training run's configuration: typed sections, presets, ``key=value`` overrides, validation.
+"""The training run's configuration: typed sections and their validation.
 
-A run is described by one YAML file (a preset under ``configs/`` or your own) plus command-line
-overrides with dotted keys (``optim.lr=2e-4 data.batch_size=64 stage=ddpm``). Everything is checked
-before any work starts: unknown keys, wrong types, and combinations that cannot work (a batch that
-does not split over ranks × accumulation, ZeRO-3 with the EMA, a missing frozen DDPM, ...) raise a
-:class:`~diti_fast.config.ConfigError` naming the dotted field. The resolved config is written to
-``RUN/config.yaml``.
-
-A config file may start from another with ``extends: NAME`` (a preset name or a path relative to
-the file); mappings merge key by key, everything else is replaced.
+Everything is checked before any work starts: unknown keys, wrong types, and combinations that
+cannot work (a batch that does not split over ranks x accumulation, ZeRO-3 with the EMA, a missing
+frozen DDPM, ...) raise a :class:`~diti_fast.config.ConfigError` naming the dotted field.
+:meth:`TrainConfig.lr` is the one place the learning-rate rule is written. Reading files and
+overrides is ``config_files.py``; what may change on resume is ``resume_rules.py``.
 """
 from __future__ import annotations
 
-import copy
+import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from ..config import ConfigError, FastConfig, ModelConfig, from_dict, load_yaml, to_dict
+from ..config import ConfigError, FastConfig, ModelConfig
 from ..losses import MODES
 from ..nn.encoder import ENCODER_SPECS
-
-
-
-def _preset_files() -> dict[str, Path]:
-    """Preset name -> file, from the package's presets (the repository's configs/ folder)."""
-    import importlib.resources
-    root = importlib.resources.files("diti_fast.presets")
-    return {Path(f.name).stem: Path(str(f)) for f in root.iterdir() if f.name.endswith(".yaml")}
-
-
-PRESETS = tuple(sorted(_preset_files()))
 
 
 @dataclass
@@ -211,85 +193,8 @@ class TrainConfig:
 
     def validate(self, where: str = "config") -> None:
         """Checks that need no runtime facts (world size, device): run by from_dict."""
-        w = where
-        if self.data.batch_size < 1:
-            raise ConfigError(f"{w}.data.batch_size must be >= 1")
-        if self.deepspeed.grad_accum < 1:
-            raise ConfigError(f"{w}.deepspeed.grad_accum must be >= 1")
-        if self.data.batch_size % self.deepspeed.grad_accum:
-            raise ConfigError(f"{w}.data.batch_size={self.data.batch_size} is not divisible by "
-                              f"{w}.deepspeed.grad_accum={self.deepspeed.grad_accum}")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{w}.deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
-        if self.deepspeed.zero_stage == 3:
-            # ZeRO-3 partitions every parameter: the EMA, our weights-only per-rank checkpoints and
-            # the export would need gathers; the models here (<= a few hundred M parameters) fit
-            # on one GPU, where stage 2 already partitions gradients and optimiser state.
-            raise ConfigError(f"{w}.deepspeed.zero_stage=3 cannot be combined with the EMA "
-                              f"({w}.ema.decay={self.ema.decay}) and weights-only checkpoints of this "
-                              "engine (stage 3 partitions the parameters themselves); use zero_stage 2")
-        if self.run.max_images < self.data.batch_size:
-            raise ConfigError(f"{w}.run.max_images={self.run.max_images} is less than one global batch "
-                              f"({w}.data.batch_size={self.data.batch_size})")
-        if not 0.0 <= self.ema.decay < 1.0:
-            raise ConfigError(f"{w}.ema.decay must be in [0, 1), got {self.ema.decay}")
-        if self.ema.every < 1:
-            raise ConfigError(f"{w}.ema.every must be >= 1")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"{w}.optim.lr must be positive")
-        if not all(0.0 <= b < 1.0 for b in self.optim.betas):
-            raise ConfigError(f"{w}.optim.betas must lie in [0, 1), got {list(self.optim.betas)}")
-        if self.optim.eps <= 0 or self.optim.weight_decay < 0 or self.optim.grad_clip < 0:
-            raise ConfigError(f"{w}.optim: eps must be positive, weight_decay and grad_clip non-negative")
-        if self.log.visuals_every < 0 or self.log.visuals_num < 1 or not \
-                1 <= self.log.visuals_steps <= self.model.diffusion.timesteps:
-            raise ConfigError(f"{w}.log: visuals_every must be >= 0, visuals_num >= 1 and visuals_steps in "
-                              f"[1, {self.model.diffusion.timesteps}]")
-        if self.log.every < 1 or self.log.t_buckets < 1:
-            raise ConfigError(f"{w}.log.every and {w}.log.t_buckets must be >= 1")
-        if self.checkpoint.every < 0 or self.checkpoint.keep < 1 or self.checkpoint.signal_sync_every < 1 \
-                or self.checkpoint.export_every < 0:
-            raise ConfigError(f"{w}.checkpoint: every/export_every must be >= 0, keep and "
-                              "signal_sync_every >= 1")
-        if self.run.time_limit_minutes < 0:
-            raise ConfigError(f"{w}.run.time_limit_minutes must be >= 0 (0 = no limit)")
-        if self.debug.step_sleep_s < 0:
-            raise ConfigError(f"{w}.debug.step_sleep_s must be >= 0")
-        if self.guard.max_consecutive_nonfinite < 1:
-            raise ConfigError(f"{w}.guard.max_consecutive_nonfinite must be >= 1")
-        if self.data.source == "shards" and not self.data.shards:
-            raise ConfigError(f"{w}.data.shards is empty but {w}.data.source is 'shards'; give a shard "
-                              "directory (one holding manifest.json), e.g. data.shards=runs/demo/data/train")
-        if self.data.num_workers < 0 or self.data.shuffle_buffer < 1:
-            raise ConfigError(f"{w}.data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
-        if self.data.num_samples < 0 or self.data.max_consecutive_skips < 1:
-            raise ConfigError(f"{w}.data.num_samples must be >= 0 and data.max_consecutive_skips >= 1")
-        if not (self.data.stream_timeout_s > 0 and self.data.stream_stall_s > 0):
-            raise ConfigError(f"{w}.data.stream_timeout_s and data.stream_stall_s must be > 0 seconds, got "
-                              f"{self.data.stream_timeout_s} and {self.data.stream_stall_s}")
-        if self.stage == "diti":
-            if not self.init.ddpm:
-                raise ConfigError(f"{w}.init.ddpm is empty: stage 'diti' needs the frozen DDPM (a ddpm-stage "
-                                  "run's export, RUN/export/ema.safetensors, or an original checkpoint)")
-            size = ENCODER_SPECS[self.model.encoder.name][0]
-            if self.data.image_size not in (0, size):
-                raise ConfigError(f"{w}.data.image_size={self.data.image_size} but encoder "
-                                  f"{w}.model.encoder.name={self.model.encoder.name!r} takes {size}x{size} images")
-        if self.init.finetune:
-            if self.stage != "ddpm":
-                raise ConfigError(f"{w}.init.finetune=true applies to stage 'ddpm' (fine-tuning a DDPM from "
-                                  f"{w}.init.ddpm); stage {self.stage!r} keeps init.ddpm frozen: drop init.finetune")
-            if not self.init.ddpm:
-                raise ConfigError(f"{w}.init.finetune=true but {w}.init.ddpm is empty: name the DDPM to start "
-                                  "from (a ddpm-stage export, its run directory, or an original checkpoint .pt)")
-        if self.diti.mode not in MODES:  # Literal already checks; kept in sync with losses.MODES
-            raise ConfigError(f"{w}.diti.mode must be one of {MODES}")
-        if self.fast.compile_mode == "reduce-overhead" and self.fast.compile:
-            # CUDA graphs replay static buffers; the per-step metric accumulators and the EMA weight
-            # are updated in place outside the graph, which reduce-overhead would silently alias.
-            raise ConfigError(f"{w}.fast.compile_mode='reduce-overhead' (CUDA graphs of the forward only) is "
-                              "not supported by this engine; fast.cuda_graph captures the whole step instead "
-                              "(use compile_mode 'default' or 'max-autotune-no-cudagraphs')")
+        for check in (_check_batch, _check_optim, _check_schedule, _check_data, _check_stage, _check_fast):
+            check(self, where)
 
     # -- facts derived from the config
     def image_size(self, manifest_size: int | None = None) -> int:
@@ -317,6 +222,127 @@ class TrainConfig:
         return -(-self.run.max_images // self.data.batch_size)  # ceil: the original stops at >= max
 
 
+# -- validate's checks, one topic each; ``w`` is the prefix of the dotted keys in messages
+
+def _check_batch(c: TrainConfig, w: str) -> None:
+    if c.data.batch_size < 1:
+        raise ConfigError(f"{w}.data.batch_size must be >= 1")
+    if c.deepspeed.grad_accum < 1:
+        raise ConfigError(f"{w}.deepspeed.grad_accum must be >= 1")
+    if c.data.batch_size % c.deepspeed.grad_accum:
+        raise ConfigError(f"{w}.data.batch_size={c.data.batch_size} is not divisible by "
+                          f"{w}.deepspeed.grad_accum={c.deepspeed.grad_accum}")
+    if c.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{w}.deepspeed.zero_stage must be 0, 1, 2 or 3, got {c.deepspeed.zero_stage}")
+    if c.deepspeed.zero_stage == 3:
+        # ZeRO-3 partitions every parameter: the EMA, our weights-only per-rank checkpoints and
+        # the export would need gathers; the models here (<= a few hundred M parameters) fit
+        # on one GPU, where stage 2 already partitions gradients and optimiser state.
+        raise ConfigError(f"{w}.deepspeed.zero_stage=3 cannot be combined with the EMA "
+                          f"({w}.ema.decay={c.ema.decay}) and weights-only checkpoints of this "
+                          "engine (stage 3 partitions the parameters themselves); use zero_stage 2")
+    if c.run.max_images < c.data.batch_size:
+        raise ConfigError(f"{w}.run.max_images={c.run.max_images} is less than one global batch "
+                          f"({w}.data.batch_size={c.data.batch_size})")
+
+
+def _check_optim(c: TrainConfig, w: str) -> None:
+    if not 0.0 <= c.ema.decay < 1.0:
+        raise ConfigError(f"{w}.ema.decay must be in [0, 1), got {c.ema.decay}")
+    if c.ema.every < 1:
+        raise ConfigError(f"{w}.ema.every must be >= 1")
+    if c.optim.lr <= 0:
+        raise ConfigError(f"{w}.optim.lr must be positive")
+    if not all(0.0 <= b < 1.0 for b in c.optim.betas):
+        raise ConfigError(f"{w}.optim.betas must lie in [0, 1), got {list(c.optim.betas)}")
+    if c.optim.eps <= 0 or c.optim.weight_decay < 0 or c.optim.grad_clip < 0:
+        raise ConfigError(f"{w}.optim: eps must be positive, weight_decay and grad_clip non-negative")
+
+
+def _check_schedule(c: TrainConfig, w: str) -> None:
+    """Logging, checkpoints, limits, guards and test hooks."""
+    if c.log.visuals_every < 0 or c.log.visuals_num < 1 or not \
+            1 <= c.log.visuals_steps <= c.model.diffusion.timesteps:
+        raise ConfigError(f"{w}.log: visuals_every must be >= 0, visuals_num >= 1 and visuals_steps in "
+                          f"[1, {c.model.diffusion.timesteps}]")
+    if c.log.every < 1 or c.log.t_buckets < 1:
+        raise ConfigError(f"{w}.log.every and {w}.log.t_buckets must be >= 1")
+    if c.checkpoint.every < 0 or c.checkpoint.keep < 1 or c.checkpoint.signal_sync_every < 1 \
+            or c.checkpoint.export_every < 0:
+        raise ConfigError(f"{w}.checkpoint: every/export_every must be >= 0, keep and "
+                          "signal_sync_every >= 1")
+    if c.run.time_limit_minutes < 0:
+        raise ConfigError(f"{w}.run.time_limit_minutes must be >= 0 (0 = no limit)")
+    if c.debug.step_sleep_s < 0:
+        raise ConfigError(f"{w}.debug.step_sleep_s must be >= 0")
+    if c.guard.max_consecutive_nonfinite < 1:
+        raise ConfigError(f"{w}.guard.max_consecutive_nonfinite must be >= 1")
+
+
+def _check_data(c: TrainConfig, w: str) -> None:
+    d = c.data
+    if d.source == "shards" and not d.shards:
+        raise ConfigError(f"{w}.data.shards is empty but {w}.data.source is 'shards'; give a shard "
+                          "directory (one holding manifest.json), e.g. data.shards=runs/demo/data/train")
+    if d.num_workers < 0 or d.shuffle_buffer < 1:
+        raise ConfigError(f"{w}.data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
+    if d.num_samples < 0 or d.max_consecutive_skips < 1:
+        raise ConfigError(f"{w}.data.num_samples must be >= 0 and data.max_consecutive_skips >= 1")
+    if not (d.stream_timeout_s > 0 and d.stream_stall_s > 0):
+        raise ConfigError(f"{w}.data.stream_timeout_s and data.stream_stall_s must be > 0 seconds, got "
+                          f"{d.stream_timeout_s} and {d.stream_stall_s}")
+
+
+def _check_stage(c: TrainConfig, w: str) -> None:
+    """The stage against the frozen / starting DDPM, the encoder's image size and the DiTi mode."""
+    if c.stage == "diti":
+        if not c.init.ddpm:
+            raise ConfigError(f"{w}.init.ddpm is empty: stage 'diti' needs the frozen DDPM (a ddpm-stage "
+                              "run's export, RUN/export/ema.safetensors, or an original checkpoint)")
+        size = ENCODER_SPECS[c.model.encoder.name][0]
+        if c.data.image_size not in (0, size):
+            raise ConfigError(f"{w}.data.image_size={c.data.image_size} but encoder "
+                              f"{w}.model.encoder.name={c.model.encoder.name!r} takes {size}x{size} images")
+    if c.init.finetune:
+        if c.stage != "ddpm":
+            raise ConfigError(f"{w}.init.finetune=true applies to stage 'ddpm' (fine-tuning a DDPM from "
+                              f"{w}.init.ddpm); stage {c.stage!r} keeps init.ddpm frozen: drop init.finetune")
+        if not c.init.ddpm:
+            raise ConfigError(f"{w}.init.finetune=true but {w}.init.ddpm is empty: name the DDPM to start "
+                              "from (a ddpm-stage export, its run directory, or an original checkpoint .pt)")
+    if c.diti.mode not in MODES:  # Literal already checks; kept in sync with losses.MODES
+        raise ConfigError(f"{w}.diti.mode must be one of {MODES}")
+
+
+def _check_fast(c: TrainConfig, w: str) -> None:
+    if c.fast.compile_mode == "reduce-overhead" and c.fast.compile:
+        # CUDA graphs replay static buffers; the per-step metric accumulators and the EMA weight
+        # are updated in place outside the graph, which reduce-overhead would silently alias.
+        raise ConfigError(f"{w}.fast.compile_mode='reduce-overhead' (CUDA graphs of the forward only) is "
+                          "not supported by this engine; fast.cuda_graph captures the whole step instead "
+                          "(use compile_mode 'default' or 'max-autotune-no-cudagraphs')")
+    # run.device 'auto' is decided at launch: validate_runtime checks it there.
+    clash = _autotune_in_step_graph(c, c.run.device == "cuda", w)
+    if clash:
+        raise ConfigError(clash)
+
+
+def _autotune_in_step_graph(c: TrainConfig, on_cuda: bool, w: str = "") -> str | None:
+    """The error when compile mode 'max-autotune' meets the whole-step CUDA graph, else None.
+
+    Inductor's max-autotune records CUDA graphs of its own, which would then be captured inside the
+    graph of the whole step (fast.cuda_graph); nested captures are not supported."""
+    if not (c.fast.compile and c.fast.compile_mode == "max-autotune"):
+        return None
+    if c.fast.cuda_graph is True or (c.fast.cuda_graph == "auto" and on_cuda):
+        p = f"{w}." if w else ""
+        return (f"{p}fast.compile_mode='max-autotune' cannot be combined with {p}fast.cuda_graph="
+                f"{str(c.fast.cuda_graph).lower()}{' on CUDA' if c.fast.cuda_graph == 'auto' else ''}: max-autotune "
+                "records its own CUDA graphs, which would nest inside the capture of the whole step; use "
+                "fast.compile_mode=max-autotune-no-cudagraphs, or fast.cuda_graph=false")
+    return None
+
+
 def validate_runtime(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     """Checks that need the launch facts; run before any model is built."""
     b, a = cfg.data.batch_size, cfg.deepspeed.grad_accum
@@ -328,12 +354,12 @@ def validate_runtime(cfg: TrainConfig, world_size: int, device_type: str) -> Non
         raise ConfigError("run.device='cuda' but no CUDA device is available")
     if cfg.fast.attention == "xformers" and device_type != "cuda":
         raise ConfigError("fast.attention='xformers' has no CPU kernels; use fast.attention=sdpa on CPU")
-    if cfg.fast.attention == "xformers":
-        import importlib.util
-        if importlib.util.find_spec("xformers") is None:
-            raise ConfigError("fast.attention='xformers' needs the xformers package; use sdpa")
+    if cfg.fast.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("fast.attention='xformers' needs the xformers package; use sdpa")
+    clash = _autotune_in_step_graph(cfg, device_type == "cuda")
+    if clash:
+        raise ConfigError(clash)
     if cfg.log.tensorboard is True:
-        import importlib.util
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
                               "'diti-fast[tensorboard]'); use log.tensorboard=auto to log it only when installed")
@@ -342,182 +368,3 @@ def validate_runtime(cfg: TrainConfig, world_size: int, device_type: str) -> Non
     if cfg.debug.fail_save_rank >= world_size:
         raise ConfigError(f"debug.fail_save_rank={cfg.debug.fail_save_rank} but there are {world_size} ranks")
 
-
-# --------------------------------------------------------------------------- loading
-
-def preset_path(name: str) -> Path | None:
-    return _preset_files().get(name)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def read_config_file(spec: str | Path, _seen: tuple = ()) -> tuple[dict, str]:
-    """(raw data with ``extends`` resolved, preset name) for a path or a preset name."""
-    path = Path(spec)
-    if not path.is_file():
-        found = preset_path(str(spec)) if "/" not in str(spec) and not str(spec).endswith(".yaml") else None
-        if found is None:
-            raise ConfigError(f"config {spec}: no such file, and not a preset name (presets: {', '.join(PRESETS)})")
-        path = found
-    path = path.resolve()
-    if path in _seen:
-        raise ConfigError(f"{path}: 'extends' loops back to itself")
-    data = load_yaml(path)
-    parent = data.pop("extends", None)
-    name = path.stem
-    own_preset = data.get("preset")
-    if parent is not None:
-        if not isinstance(parent, str):
-            raise ConfigError(f"{path}: extends must be a preset name or a path, got {parent!r}")
-        candidate = path.parent / parent
-        base, _ = read_config_file(candidate if candidate.is_file() else parent, _seen + (path,))
-        data = _merge(base, data)
-    # The file's own name, not the one it extends (celeba64_original runs in runs/celeba64_original-*).
-    data["preset"] = own_preset if own_preset is not None else name
-    return data, name
-
-
-def parse_override(item: str) -> tuple[list[str], object]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value with a dotted key, e.g. optim.lr=2e-4")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = copy.deepcopy(data)
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.setdefault(part, {})
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return data
-
-
-_ROOT = "\x00"  # placeholder for the top level in messages: "optim.lr: ..." rather than "config.optim.lr"
-
-
-# Keys this engine no longer reads, with what replaced them: a config that sets one is refused
-# with the replacement named, rather than trained with a silently different learning rate.
-_REMOVED = {
-    ("optim", "scale_lr_by_batch"): "optim.scale_lr_by_batch was removed: the learning rate follows "
-    "optim.lr_rule alone (global: the paper's lr for a global batch of 128 on any number of GPUs; "
-    "per_gpu: the original code's lr x per-GPU batch / 32; none: lr as given; "
-    "scale_lr_by_batch=false was lr_rule=none)",
-}
-
-
-def _check_removed(data: dict) -> None:
-    for (section, key), msg in _REMOVED.items():
-        if isinstance(data.get(section), dict) and key in data[section]:
-            raise ConfigError(msg)
-    optim = data.get("optim")
-    if isinstance(optim, dict) and optim.get("lr_rule") == "auto":
-        raise ConfigError("optim.lr_rule: 'auto' was removed (it meant per_gpu, none for pdae); choose "
-                          "global (the paper's lr for a global batch of 128 on any number of GPUs), "
-                          "per_gpu (the original code's rule) or none")
-
-
-def build_config(data: dict, source: str = "config") -> TrainConfig:
-    """Typed, validated TrainConfig; errors name the dotted field and the source (file + overrides)."""
-    data = {k: v for k, v in data.items() if k != "effective"}  # written by dump_yaml, derived
-    try:
-        _check_removed(data)
-        return from_dict(TrainConfig, data, _ROOT)
-    except ConfigError as e:
-        msg = str(e).replace(_ROOT + ".", "").replace(_ROOT, "config")
-        raise ConfigError(f"{msg} [in {source}]") from None
-
-
-def load_config(spec: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a config file or preset, apply ``key=value`` overrides, validate."""
-    data, name = read_config_file(spec) if spec is not None else ({}, "config")
-    data = apply_overrides(data, overrides or [])
-    source = f"{spec}" + (" + command-line overrides" if overrides else "")
-    return build_config(data, source)
-
-
-def resolved_dict(cfg: TrainConfig) -> dict:
-    return to_dict(cfg)
-
-
-def effective(cfg: TrainConfig, world_size: int) -> dict:
-    """What the config resolves to on ``world_size`` ranks (recorded in RUN/config.yaml)."""
-    return {"world_size": world_size, "lr_rule": cfg.lr_rule(), "lr": cfg.lr(world_size),
-            "micro_batch": cfg.micro_batch(world_size)}
-
-
-def dump_yaml(cfg: TrainConfig, world_size: int | None = None) -> str:
-    """The resolved config; with ``world_size`` also an ``effective:`` section (the learning rate the
-    run trains with, its rule, the micro-batch), which loading ignores."""
-    data = resolved_dict(cfg)
-    if world_size is not None:
-        data["effective"] = effective(cfg, world_size)
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-# Keys that may change between a run and its resumption: how long, how it logs, how it saves.
-# deepspeed.zero_stage: an elastic checkpoint (checkpoint.elastic) converts its optimiser state.
-RESUME_MUTABLE = ("preset", "run.max_images", "run.dir", "run.threads", "run.time_limit_minutes", "data.num_workers",
-                  "data.verify", "data.max_consecutive_skips", "data.stream_timeout_s", "data.stream_stall_s", "log.",
-                  "checkpoint.", "debug.", "fast.compile", "fast.compile_mode", "fast.cuda_graph", "guard.", "init.ddpm",
-                  "deepspeed.zero_stage", "effective.")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _resolved_lr_rule(flat: dict) -> str:
-    """The lr rule a flattened resolved config trains with. Configs saved by earlier versions of this
-    engine may hold lr_rule 'auto' (per_gpu, none for pdae) or only scale_lr_by_batch: their
-    meaning then is what such a run trained with, compared on resume instead of the raw keys."""
-    rule = flat.get("optim.lr_rule", "auto")
-    if rule != "auto":
-        return rule
-    if flat.get("optim.scale_lr_by_batch", True) is False:
-        return "none"
-    return "none" if flat.get("stage") == "diti" and flat.get("diti.mode") == "pdae" else "per_gpu"
-
-
-def resume_conflicts(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between the saved and the new resolved config."""
-    a, b = flatten(saved), flatten(current)
-    for f in (a, b):
-        f["optim.lr_rule"] = _resolved_lr_rule(f)
-        f.pop("optim.scale_lr_by_batch", None)
-    diffs = []
-    for k in sorted(set(a) | set(b)):
-        if k.startswith(RESUME_MUTABLE) or k in RESUME_MUTABLE:
-            continue
-        if a.get(k) != b.get(k):
-            diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
-    return diffs

@@ -131,7 +131,7 @@ class _Guard:
     def _flock(self, deadline: float) -> bool:
         """True once flock'ed; False where the filesystem (or the OS) has no flock."""
         try:
-            import fcntl
+            import fcntl  # lazy: POSIX only (the ImportError is the no-flock case)
         except ImportError:
             return False
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)

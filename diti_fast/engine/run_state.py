@@ -16,7 +16,8 @@ from diti_fast.engine.ema import EMA
 from diti_fast.engine.metrics import Meter
 from diti_fast.engine.microbatches import MicroBatches
 from diti_fast.engine.objective import Objective
-from diti_fast.engine.run_config import TrainConfig, resolved_dict
+from diti_fast.engine.config_files import resolved_dict
+from diti_fast.engine.run_config import TrainConfig
 from diti_fast.weights import export_path, save_export
 
 

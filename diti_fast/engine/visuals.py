@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diti_fast.eval.grids import image_grid, save_grid
+from diti_fast.grids import image_grid, save_grid
 from diti_fast.sampling import ddim_sample, masked_ddim
 
 

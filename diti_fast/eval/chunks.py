@@ -144,6 +144,7 @@ def format_chunk_table(table: ChunkTable, mode: str) -> str:
 
 def plot_heatmap(table: ChunkTable, path, title: str = "") -> None:
     """Two panels (group alone | cumulative prefix), attribute x group, colour = skill, text = raw metric."""
+    # lazy: matplotlib is slow to import, and its backend must be chosen before pyplot loads
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

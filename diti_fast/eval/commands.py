@@ -5,18 +5,33 @@ exposes the same commands without the ``eval`` word.
 
 Every handler turns the errors a user can cause (missing run, weights that do not fit the model, bad
 data or options) into one ``error:`` line on stderr and exit status 2, without a traceback.
+
+The probe, chunk, regress and report modules load scikit-learn and SciPy (about a second): they are
+imported by the commands that use them, so that every other ``diti-fast`` command starts without.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
-from ..weights import CheckpointError
+import numpy as np
+import torch
+
 from ..config import ConfigError
-from .features import EvalError
+from ..grids import save_grid
+from ..weights import CheckpointError
+from .counterfactual import (DEFAULT_ALPHAS, DEFAULT_LOC, DEFAULT_WIDTH, Sampler, counterfactuals, interpolation,
+                             reconstructions)
+from .features import (EvalError, cached_features, check_same_attributes, load_images, load_run, make_splits,
+                       run_dir_of, split_by_position)
+from .jsonable import jsonable
+from .manipulate import ManipConfig, run_manipulation
+from .quality import reconstruction_quality
+from .sample import ddpm_samples
 
 try:
     from ..data import DataError
@@ -39,7 +54,6 @@ def _guard(fn):
 
 
 def _device(name: str | None) -> str:
-    import torch
     if name:
         return name
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,7 +141,6 @@ def _ddim_opts(p: argparse.ArgumentParser, steps: int = 100, invert: int = 1000)
 
 
 def _splits(args, device):
-    from .features import cached_features, check_same_attributes, load_run, make_splits
     ex = load_run(args.run, device)
 
     def feats(path):
@@ -140,7 +153,7 @@ def _splits(args, device):
 
 
 def _probe_cfg(args, device):
-    from .probe import ProbeConfig
+    from .probe import ProbeConfig  # lazy: sklearn, ~1 s
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise EvalError("--epochs and --batch-size must be >= 1 and --lr > 0")
     return ProbeConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -148,7 +161,6 @@ def _probe_cfg(args, device):
 
 
 def _out(args, default_name: str) -> Path:
-    from .features import run_dir_of
     out = Path(args.out) if args.out else run_dir_of(args.run) / "eval" / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
@@ -158,8 +170,7 @@ def _out(args, default_name: str) -> Path:
 
 @_guard
 def cmd_probe(args) -> int:
-    from .probe import format_probe_table, specs_from_manifest, train_probe
-    from .report import jsonable
+    from .probe import format_probe_table, specs_from_manifest, train_probe  # lazy: sklearn, ~1 s
     device = _device(args.device)
     _, sp = _splits(args, device)
     specs = specs_from_manifest(sp.train.attributes)
@@ -174,9 +185,8 @@ def cmd_probe(args) -> int:
 
 @_guard
 def cmd_chunks(args) -> int:
-    from .chunks import chunk_attribution, chunk_groups, format_chunk_table, plot_heatmap
-    from .probe import specs_from_manifest
-    from .report import jsonable
+    from .chunks import chunk_attribution, chunk_groups, format_chunk_table, plot_heatmap  # lazy: sklearn, ~1 s
+    from .probe import specs_from_manifest  # lazy: sklearn, ~1 s
     device = _device(args.device)
     ex, sp = _splits(args, device)
     specs = specs_from_manifest(sp.train.attributes)
@@ -194,8 +204,6 @@ def cmd_chunks(args) -> int:
 
 
 def _sampler_and_images(args, positions):
-    from .counterfactual import Sampler
-    from .features import load_images, load_run
     device = _device(args.device)
     ex = load_run(args.run, device)
     return Sampler(ex, device), load_images(args.data, positions, device)
@@ -203,10 +211,8 @@ def _sampler_and_images(args, positions):
 
 @_guard
 def cmd_counterfactual(args) -> int:
-    from .grids import save_grid
     if len(args.loc) != len(args.width):
         raise EvalError(f"--loc has {len(args.loc)} entries but --width has {len(args.width)}")
-    from .counterfactual import counterfactuals
     sampler, x = _sampler_and_images(args, list(args.pair))
     ranges = [(lo, lo + w) for lo, w in zip(args.loc, args.width)]
     imgs, labels = counterfactuals(sampler, x[:1], x[1:], ranges, args.alphas, args.steps, args.invert_steps,
@@ -221,9 +227,6 @@ def cmd_counterfactual(args) -> int:
 
 @_guard
 def cmd_interpolate(args) -> int:
-    import numpy as np
-    from .counterfactual import interpolation
-    from .grids import save_grid
     alphas = args.alphas or [float(a) for a in np.linspace(0, 1, args.num)]
     sampler, x = _sampler_and_images(args, list(args.pair))
     imgs, labels = interpolation(sampler, x[:1], x[1:], args.chunks, alphas, args.steps, args.invert_steps)
@@ -235,11 +238,7 @@ def cmd_interpolate(args) -> int:
 
 @_guard
 def cmd_reconstruct(args) -> int:
-    from .counterfactual import reconstructions
-    from .grids import save_grid
     sampler, x = _sampler_and_images(args, args.indices)
-    from .quality import reconstruction_quality
-    from .report import jsonable
     rows, labels, mse = reconstructions(sampler, x, args.steps, args.invert_steps, args.seed, args.ddpm_row)
     out = save_grid(_out(args, "reconstruction.png"), rows, labels, [f"#{i}" for i in args.indices])
     q = reconstruction_quality(x, rows[1])
@@ -253,9 +252,7 @@ def cmd_reconstruct(args) -> int:
 
 @_guard
 def cmd_regress(args) -> int:
-    from .features import cached_features, load_run, split_by_position
-    from .regress import RegressConfig, format_regress_table, regress
-    from .report import jsonable
+    from .regress import RegressConfig, format_regress_table, regress  # lazy: sklearn, ~1 s
     device = _device(args.device)
     ex = load_run(args.run, device)
 
@@ -280,7 +277,6 @@ def cmd_regress(args) -> int:
 
 @_guard
 def cmd_manipulate(args) -> int:
-    from .manipulate import ManipConfig, run_manipulation
     cfg = ManipConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                       mask_dims=args.mask_dims, seed=args.seed)
     res = run_manipulation(args.run, args.data, args.attr, args.scales, _device(args.device), cfg, args.indices,
@@ -292,8 +288,8 @@ def cmd_manipulate(args) -> int:
 
 @_guard
 def cmd_report(args) -> int:
-    from .probe import ProbeConfig
-    from .report import ReportSettings, write_report
+    from .probe import ProbeConfig  # lazy: sklearn, ~1 s
+    from .report import ReportSettings, write_report  # lazy: sklearn, ~1 s
     device = _device(args.device)
     s = ReportSettings(max_samples=args.max_samples or None,
                        probe=ProbeConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -308,11 +304,6 @@ def cmd_report(args) -> int:
 
 @_guard
 def cmd_sample(args) -> int:
-    import math
-    import torch
-    from .features import load_run, run_dir_of
-    from .grids import save_grid
-    from .sample import ddpm_samples
     device = _device(args.device)
     if args.num < 1 or args.steps < 1:
         raise EvalError("--num and --steps must be >= 1")
@@ -334,7 +325,6 @@ def cmd_sample(args) -> int:
 
 def add_eval_commands(sub) -> None:
     """Register probe, chunks, counterfactual, interpolate, reconstruct and report on ``sub``."""
-    from .counterfactual import DEFAULT_ALPHAS, DEFAULT_LOC, DEFAULT_WIDTH
     add_parser = _adder(sub)
 
     p = add_parser("probe", help="linear probe on frozen EMA encoder features (the paper's protocol)")

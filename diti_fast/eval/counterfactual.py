@@ -1,4 +1,4 @@
-"""Counterfactuals, interpolation and reconstruction with the masked DDIM (spec §6-7).
+"""Counterfactuals, interpolation and reconstruction with the masked DDIM (docs/method.md §6-7).
 
 The algebra is kept in small pure functions: :func:`swap_chunks` mixes a dim range of z2 into z1 and
 :func:`slerp` interpolates the inverted noises. For chunks [i, i+w), K = Σ k_masks[i:i+w] is the 0/1

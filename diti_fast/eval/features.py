@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..weights import CheckpointError, EXPORT_NAME, Exported, export_path, load_export
+from ..data import ShardSpec, eval_loader, to_model_input
 
 
 class EvalError(ValueError):
@@ -62,7 +63,6 @@ _COUNTED: dict = {}  # manifest-less sets already counted in this process (a ful
 def shard_spec(shards: str | Path):
     """Image size, attributes and counts of a shard set (a manifest directory or URL, a pattern or
     a list of paths/URLs; see docs/data.md)."""
-    from ..data import ShardSpec
     key = repr(shards)
     if key in _COUNTED:
         return _COUNTED[key]
@@ -78,7 +78,6 @@ def iter_batches(shards: str | Path, batch_size: int = 256, num_workers: int = 0
 
     A position is the sample's number in storage order (the loader's ``index``), so it stays the same
     when the loader skips a corrupt sample."""
-    from ..data import eval_loader
     n = 0
     loader = eval_loader(shard_spec(shards).reading(image_size=image_size), batch_size=batch_size,
                          num_workers=num_workers)
@@ -94,7 +93,6 @@ def iter_batches(shards: str | Path, batch_size: int = 256, num_workers: int = 0
 
 
 def _model_input(images: torch.Tensor, device) -> torch.Tensor:
-    from ..data import to_model_input
     return to_model_input(images, device)
 
 

@@ -20,7 +20,7 @@ Where this departs from the released code, on purpose (docs/evaluation.md lists 
   ``promask`` dims, re-drawn at random by ``fix_subnet`` when loaded). Here the dims are chosen once,
   deterministically, by d′: the same budget of dims, no randomness between the training and the edit.
 * The release saves the raw classifier and never reads its EMA copy; here the EMA is what edits and
-  scores (the brief's "EMA 0.999"), with the (1 + n)/(10 + n) warm-up so that a few hundred steps on a
+  scores (decay 0.999), with the (1 + n)/(10 + n) warm-up so that a few hundred steps on a
   small set do not leave the EMA at its random initialisation (no effect after ~10k steps).
 * The release's notebook calls ``manipulation_sample(..., verbose=False)`` and an eval helper passes
   ``class_id``: neither exists in its sampler's signature, so the release path crashes; this is the
@@ -42,8 +42,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..grids import save_grid
 from ..sampling import masked_ddim
-from .features import EvalError, FeatureSet
+from .counterfactual import Sampler, _check_steps
+from .features import (EvalError, FeatureSet, _cache_key, cached_features, load_images, load_run, resolve_export,
+                       run_dir_of, shard_spec, split_by_position)
+from .jsonable import jsonable
 
 
 @dataclass
@@ -212,7 +216,7 @@ def fit_directions(train: FeatureSet, test: FeatureSet | None, attribute: str, c
     weight, bias, acc = train_directions(u, y, mask, cfg)
     d = Directions(attribute, kind, names, mean, std, mask, weight, bias, acc, [None] * len(names))
     if test is not None and len(test):
-        from sklearn.metrics import average_precision_score
+        from sklearn.metrics import average_precision_score  # lazy: sklearn, ~1 s
         _, _, yt = attribute_targets(test.attributes, test.attrs, attribute)
         p = d.scores(torch.from_numpy(test.z)).numpy()
         d.test_ap = [float(average_precision_score(yt[:, r], p[:, r])) if 0 < yt[:, r].sum() < len(yt) else None
@@ -327,12 +331,6 @@ def run_manipulation(run, data, attribute: str, scales, device, cfg=None, positi
                      feature_batch: int = 256, out_dir=None, log=print) -> dict:
     """Fit (or reuse) the attribute's directions, edit images, write one grid + one JSON per direction.
     Returns the JSON data; also the engine of the report's manipulation grid."""
-    from .counterfactual import Sampler, _check_steps
-    from .features import (_cache_key, cached_features, load_images, load_run, resolve_export, run_dir_of,
-                           split_by_position)
-    from .grids import save_grid
-    from .report import jsonable
-    from .features import shard_spec
     cfg = cfg or ManipConfig()
     if not scales:
         raise EvalError("--scales is empty")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
 
 def _unit(x: torch.Tensor) -> np.ndarray:
@@ -18,7 +19,6 @@ def _unit(x: torch.Tensor) -> np.ndarray:
 
 def reconstruction_quality(x: torch.Tensor, rec: torch.Tensor) -> dict:
     """Per-image and mean MSE / PSNR (dB) / SSIM of ``rec`` against ``x``."""
-    from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
     a, b = _unit(x), _unit(rec)
     mse = [float(mean_squared_error(u, v)) for u, v in zip(a, b)]
     psnr = [float(peak_signal_noise_ratio(u, v, data_range=1.0)) if m > 0 else float("inf")

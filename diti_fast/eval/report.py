@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..grids import save_grid
 from .chunks import ChunkTable, chunk_attribution, chunk_groups, format_chunk_table, plot_heatmap
 from .counterfactual import DEFAULT_ALPHAS, DEFAULT_LOC, DEFAULT_WIDTH, Sampler, counterfactuals, reconstructions
-from .features import cached_features, check_same_attributes, load_images, load_run, make_splits, resolve_export
-from .grids import save_grid
+from .features import (cached_features, check_same_attributes, load_images, load_run, make_splits, resolve_export,
+                       shard_spec)
+from .jsonable import jsonable
+from .manipulate import ManipConfig, run_manipulation
 from .probe import ProbeConfig, format_probe_table, specs_from_manifest, train_probe
 from .sample import ddpm_samples
 
@@ -244,14 +247,12 @@ def write_report(run_dir: str | Path, shards: str | Path, device="cpu", settings
 def _manipulation_grid(export_file, data, specs, s: ReportSettings, device, out: Path, log) -> dict | None:
     """The report's manipulation grid (eval manipulate with the report's DDIM steps), or None when the data
     has no binary or categorical attribute."""
-    from .manipulate import ManipConfig, run_manipulation
     pick = ([x for x in specs if x.name == s.manip_attribute] if s.manip_attribute else
             [x for x in specs if x.kind == "binary"] or [x for x in specs if x.kind == "categorical"])
     if not pick:
         log("no binary or categorical attribute: no manipulation grid")
         return None
     spec = pick[0]
-    from .features import shard_spec
     attrs = shard_spec(data).attributes
     meta = next(a for a in attrs if a["name"] == spec.name)
     classes = None if spec.kind == "binary" else [str((meta.get("classes") or [0])[0])]
@@ -280,18 +281,3 @@ def _manipulation_md(res: dict | None, s: ReportSettings) -> list[str]:
             f"report.json. The score rose at s = {max(res['scales']):g} for {moved.get('up', float('nan')):.0%} "
             f"and fell at s = {min(res['scales']):g} for {moved.get('down', float('nan')):.0%} of the images.", "",
             f"![manipulation]({grid})", ""]
-
-
-def jsonable(o):
-    """Strict JSON: NaN (an undefined metric) becomes null, numpy scalars become Python numbers."""
-    if isinstance(o, dict):
-        return {str(k): jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return jsonable(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        return None if math.isnan(float(o)) else float(o)
-    if isinstance(o, np.integer):
-        return int(o)
-    return o

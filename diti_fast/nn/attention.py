@@ -107,7 +107,7 @@ def _xformers_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> t
     reason = backend_unavailable_reason("xformers", qkv.device)
     if reason:
         raise RuntimeError(reason)
-    import xformers.ops as xops
+    import xformers.ops as xops  # lazy: optional (the xformers extra)
 
     x = _packed(qkv, num_heads, new_order)
     # xformers wants [B, T, H, ch] with a unit stride along ch: one copy to (B, T, 3, H, ch).
@@ -152,6 +152,6 @@ def qkv_attention_tokens(qkv: torch.Tensor, num_heads: int, new_order: bool, bac
         reason = backend_unavailable_reason("xformers", qkv.device)
         if reason:
             raise RuntimeError(reason)
-        import xformers.ops as xops
+        import xformers.ops as xops  # lazy: optional (the xformers extra)
         return xops.memory_efficient_attention(q, k, v).reshape(b, length, num_heads * ch)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..config import GROUPS
 from .attention import qkv_attention, qkv_attention_tokens
 
@@ -36,10 +37,9 @@ def norm_act(gn: nn.GroupNorm, x: torch.Tensor, scale=None, shift=None, z_scale=
              act: bool = True, fused: bool = False) -> torch.Tensor:
     """act((1 + z_scale)·(GN(x)·(1 + scale) + shift) + z_shift), modulations [B, C]."""
     if fused:
-        from diti_fast.kernels.fused_norm import adaptive_group_norm
-        return adaptive_group_norm(x, gn.num_groups, gn.weight, gn.bias, scale=scale, shift=shift,
-                                   z_scale=z_scale, z_shift=z_shift, eps=gn.eps,
-                                   act="silu" if act else None)
+        return kernels.adaptive_group_norm(x, gn.num_groups, gn.weight, gn.bias, scale=scale, shift=shift,
+                                           z_scale=z_scale, z_shift=z_shift, eps=gn.eps,
+                                           act="silu" if act else None)
     if (x.device.type == "cpu" and not x.requires_grad and gn.weight.requires_grad and torch.is_grad_enabled()
             and x.ndim == 4 and not x.is_contiguous()):
         # PyTorch's CPU GroupNorm backward crashes (segfault, torch 2.13) on a channels_last input

@@ -4,7 +4,7 @@
                                                     [--fused-norm] [--fused-loss] [--skip-ddim]
                                                     [--channels-last auto|true|false]
 
-The file format is described in tests/fixtures/golden/README.md (a copy of shared/reference/README.md). The model is built from the file's own
+The file format is described in tests/fixtures/golden/README.md. The model is built from the file's own
 configs through the project's normal loading path (typed configs, strict state-dict loading), so the
 checker works for any file of that format. Exit status 1 when any quantity is out of tolerance.
 """

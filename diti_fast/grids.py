@@ -30,7 +30,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def _font():
     """DejaVu Sans (shipped with matplotlib) has α and arrows; PIL's own default font does not."""
     try:
-        from matplotlib import font_manager
+        from matplotlib import font_manager  # lazy: matplotlib is slow to import; used once, for the font file
         return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), 11)
     except Exception:  # no matplotlib or no FreeType: plain labels still work
         return ImageFont.load_default()

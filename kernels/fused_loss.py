@@ -33,6 +33,7 @@ on CUDA or TRITON_INTERPRET=1, else to the eager reference :func:`diti_loss_ref`
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -137,11 +138,23 @@ def _block_for(m: int) -> tuple[int, int]:
     return block, 4 if block >= 1024 else 2
 
 
+@functools.lru_cache(maxsize=256)
+def _launch_config(b: int, m: int, num_buckets: int) -> tuple[int, int, int, int, int, int]:
+    """(block, warps, n_blocks, BLOCK_B, BLOCK_P, BLOCK_NB) of a launch over b samples of m elements;
+    cached: a training run asks for the same one or two every step."""
+    block, warps = _block_for(m)
+    n_blocks = -(-m // block)
+    block_nb = max(2, next_pow2(num_buckets))
+    block_p = min(64, max(2, next_pow2(n_blocks)))
+    # Keep the one-hot [BLOCK_B, BLOCK_NB] and partial [BLOCK_B, BLOCK_P] tiles in registers.
+    block_b = max(2, min(128, next_pow2(b), 4096 // max(block_nb, block_p)))
+    return block, warps, n_blocks, block_b, block_p, block_nb
+
+
 def _launch(eps, eps_hat, g, t, shift_coef, weight, num_buckets: int, timesteps: int, need_grad: bool):
     b = g.shape[0]
     m = g.numel() // b
-    block, warps = _block_for(m)
-    n_blocks = triton.cdiv(m, block)
+    block, warps, n_blocks, block_b, block_p, block_nb = _launch_config(b, m, num_buckets)
     dev = g.device
     partial = torch.empty(b * n_blocks, device=dev, dtype=torch.float32)
     grad = torch.empty_like(g) if need_grad else g.new_empty((0,))
@@ -158,10 +171,6 @@ def _launch(eps, eps_hat, g, t, shift_coef, weight, num_buckets: int, timesteps:
     per_sample = torch.empty(b, device=dev, dtype=torch.float32)
     bucket_sum = torch.empty(num_buckets, device=dev, dtype=torch.float32)
     bucket_count = torch.empty(num_buckets, device=dev, dtype=torch.int64)
-    block_nb = max(2, next_pow2(num_buckets))
-    block_p = min(64, max(2, next_pow2(n_blocks)))
-    # Keep the one-hot [BLOCK_B, BLOCK_NB] and partial [BLOCK_B, BLOCK_P] tiles in registers.
-    block_b = max(2, min(128, next_pow2(b), 4096 // max(block_nb, block_p)))
     _finalize_kernel[(1,)](
         partial, t, loss, per_sample, bucket_sum, bucket_count,
         b, n_blocks, timesteps, num_buckets, 1.0 / m, 1.0 / b,

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -478,6 +479,9 @@ _SM90_COMPILE = textwrap.dedent('''
     both(torch.empty(64, 128, 64, 64, dtype=bf16), 32, True)          # 64²: single fwd, looped bwd
     both(torch.empty(64, 256, 32, 32, dtype=bf16).contiguous(memory_format=torch.channels_last), 32, True)
     both(torch.empty(64, 512, 8, 8, dtype=bf16), 32, True)            # 2 groups per program
+    cl = torch.channels_last
+    both(torch.empty(128, 64, 32, 32, dtype=bf16).contiguous(memory_format=cl), 32, True)  # 8 / 4 groups, registers
+    both(torch.empty(128, 64, 64, 64, dtype=bf16).contiguous(memory_format=cl), 32, True)  # bwd: 4 groups, two walks
     both(torch.empty(2, 12, 5, 7, dtype=torch.float64), 4, False, silu=False, needs=1)
     both(torch.empty(1, 1, 1, 1, dtype=torch.float16), 1, False)      # Cg = HW = 1 specialised to constexpr
     agn._GPB, agn._SINGLE_MAX_FWD, agn._SINGLE_MAX_BWD, agn._TILE, agn._MAX_BLOCK_C = 2, 0, 0, 64, 2
@@ -546,3 +550,176 @@ def test_bad_input_raises_before_launch(over, match, backend, monkeypatch):
     x, G = kw.pop("x"), kw.pop("num_groups")
     with pytest.raises(ValueError, match=match):
         adaptive_group_norm(x, G, **kw, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU launch plans under the interpreter: channels_last with several groups per program
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_sm(monkeypatch):
+    """Plan CPU launches as on a GPU with one SM: the program-count floor then lets the tiny shapes
+    here widen their channels_last blocks, as the real shapes do on a 132-SM H100."""
+    monkeypatch.setattr(agn, "_INTERP_PLAN", False)
+    monkeypatch.setattr(agn, "_CPU_SM_COUNT", 1)
+
+
+def _tiled(monkeypatch):
+    """Register tiles too small for any group block: the two-walk path with several spatial tiles,
+    and an L2 budget that does not stop the channels_last widening."""
+    monkeypatch.setattr(agn, "_SINGLE_MAX_FWD", 16)
+    monkeypatch.setattr(agn, "_SINGLE_MAX_BWD", 16)
+    monkeypatch.setattr(agn, "_TILE", 32)
+    monkeypatch.setattr(agn, "_CL_L2_BYTES", 1 << 40)
+
+
+@pytest.mark.parametrize("path", ["single", "tiled"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_gpu_plan_both_layouts(one_sm, monkeypatch, layout, path):
+    # G = 6 (not a power of two: the last group block is partly masked), Cg = 2, H·W = 15.
+    B, C, G, spatial = 2, 12, 6, (3, 5)
+    if path == "tiled":
+        _tiled(monkeypatch)
+    fmt = torch.channels_last if layout == "nhwc" else None
+    x = torch.empty(B, C, *spatial, device=DEVICE).contiguous(memory_format=fmt or torch.contiguous_format)
+    for bwd in (False, True):
+        plan = agn._plan(x, G, C // G, 15, bwd, layout == "nhwc")
+        assert plan.single == (path == "single")
+        if layout == "nhwc":
+            # 2 channels of 4 bytes per group: the block widens to all 8 (padded) group slots,
+            # 64 bytes of each pixel row, two of them masked.
+            assert plan.gpb == 8 and plan.ngb == 1, plan
+        if path == "tiled":
+            assert plan.block_s < 15, plan  # several spatial tiles per walk
+    y, g = check_fp32_against_fp64(B, C, spatial, G, memory_format=fmt)
+    if layout == "nhwc":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert g["x"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gpu_plan_nhwc_bf16(one_sm):
+    """bf16 channels_last under the widened plan: within twice PyTorch's own bf16 error of the
+    fp32 composite (plus bf16's rounding), as the default plan is held to."""
+    B, C, G, spatial = 2, 16, 4, (3, 4)
+    x = torch.empty(B, C, *spatial, device=DEVICE, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    assert agn._plan(x, G, C // G, 12, True, True).gpb > 1
+    leaves = make_case(B, C, spatial, seed=9)
+    low = cast(leaves, torch.bfloat16, "cpu", grad=False)
+    ref_y, ref_g = fwd_bwd(adaptive_group_norm_ref, cast(low, torch.float32, "cpu"), G, dy_dtype=torch.bfloat16)
+    pt_y, pt_g = fwd_bwd(adaptive_group_norm_ref, cast(low, torch.bfloat16, DEVICE, torch.channels_last), G,
+                         dy_dtype=torch.bfloat16)
+    y, g = fwd_bwd(triton, cast(low, torch.bfloat16, DEVICE, torch.channels_last), G, dy_dtype=torch.bfloat16)
+    for what, got, pt, ref in [("y", y, pt_y, ref_y)] + [(f"d{k}", g[k], pt_g[k], ref_g[k]) for k in ref_g]:
+        got, pt, ref = (t.detach().float().cpu() for t in (got, pt, ref))
+        err, pt_err = (got - ref).abs().max().item(), (pt - ref).abs().max().item()
+        assert err <= 2 * pt_err + 2.0 ** -8 * ref.abs().max().item(), f"{what}: {err:.3e} vs torch {pt_err:.3e}"
+
+
+def test_eager_function_matches_the_custom_op(monkeypatch):
+    """The eager autograd.Function and the custom op (what torch.compile traces) run the same
+    launches: bitwise the same output and gradients."""
+    leaves = make_case(2, 8, (3, 5), seed=13)
+    runs = []
+    for eager_fn in (True, False):
+        monkeypatch.setattr(agn, "_EAGER_FUNCTION", eager_fn)
+        inp = cast(leaves, torch.float32)
+        launches = []
+        real = agn._launch_bwd
+        monkeypatch.setattr(agn, "_launch_bwd", lambda *a: launches.append(1) or real(*a))
+        runs.append(fwd_bwd(triton, inp, 2))
+        monkeypatch.setattr(agn, "_launch_bwd", real)
+        assert launches == [1]
+    (y1, g1), (y2, g2) = runs
+    assert torch.equal(y1, y2)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# the launch plans at the presets' real shapes (pure Python: no kernel runs)
+# ----------------------------------------------------------------------------------------------
+def _preset_shapes():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kernel_timing
+    finally:
+        sys.path.pop(0)
+    return {p: kernel_timing.preset_norm_shapes(p) for p in ("celeba64", "ffhq128", "shapes32")}
+
+
+REPO = Path(__file__).resolve().parents[1]
+H100_SMS = 132
+PLAN_CASES = [(p, B, e) for p in ("celeba64", "ffhq128", "shapes32") for B in (16, 128) for e in (2, 4)]
+
+
+def _sector_cost(plan, Cg, e):
+    """L2 traffic per useful byte of a channels_last launch: walks over x times the 32-byte
+    sectors touched per pixel row over the bytes used."""
+    run = plan.gpb * Cg * e
+    return (1 if plan.single else 2) * (-(-run // 32) * 32) / run
+
+
+@pytest.mark.parametrize("preset,B,e", PLAN_CASES, ids=[f"{p}-b{B}-{'bf16' if e == 2 else 'fp32'}"
+                                                      for p, B, e in PLAN_CASES])
+def test_channels_last_plan_at_preset_shapes(preset, B, e):
+    G, sms = 32, H100_SMS
+    floor = agn._CL_MIN_WAVES * sms
+    improved = 0
+    for C, R in _preset_shapes()[preset]:
+        Cg, HW = C // G, R * R
+        pc, ps = agn.next_pow2(Cg), agn.next_pow2(HW)
+        for bwd in (False, True):
+            single_max = agn._SINGLE_MAX_BWD if bwd else agn._SINGLE_MAX_FWD
+            kw = dict(bwd=bwd, elem_size=e, sm_count=sms)
+            cl = agn.launch_plan(B, G, Cg, HW, channels_last=True, **kw)
+            nchw = agn.launch_plan(B, G, Cg, HW, channels_last=False, **kw)
+            what = f"C={C} {R}x{R} bwd={bwd}: {cl}"
+            # a power of two dividing G; a grid that covers every group exactly once
+            assert cl.gpb & (cl.gpb - 1) == 0 and G % cl.gpb == 0 and cl.ngb * cl.gpb == G, what
+            # never fewer programs than the floor, unless the NCHW plan already had fewer
+            assert B * cl.ngb >= min(floor, B * nchw.ngb), what
+            # a two-walk block wider than one group keeps the blocks of the resident programs
+            # (2 per SM) within the L2 budget, so the second walk is served from L2
+            if not cl.single and cl.gpb > 1:
+                resident = min(B * cl.ngb, 2 * sms)
+                assert resident * cl.gpb * Cg * HW * e <= agn._CL_L2_BYTES, what
+            # whole sectors where the floor lets a register-resident block reach them: the smallest
+            # block spanning 32 (64) bytes of a row, if it fits the floor and the register tile,
+            # sets the minimum the plan must reach
+            for target in (64, 32):
+                g = 1
+                while g * Cg * e < target:
+                    g *= 2
+                if g <= G and B * (G // g) >= floor and g * pc * ps <= single_max and pc <= agn._MAX_BLOCK_C:
+                    assert cl.gpb * Cg * e >= target, f"{what}: {target} bytes per row were possible"
+                    break
+            # never more L2 traffic per useful byte than one group per program (the NCHW plan,
+            # which channels_last used before)
+            assert _sector_cost(cl, Cg, e) <= _sector_cost(nchw, Cg, e), what
+            improved += _sector_cost(cl, Cg, e) < _sector_cost(nchw, Cg, e)
+            # NCHW's plan does not depend on the channels_last knobs
+            assert agn.launch_plan(B, G, Cg, HW, channels_last=False, **kw) == nchw
+    assert improved > 0
+
+
+def test_nchw_plan_ignores_channels_last_knobs(monkeypatch):
+    before = [agn.launch_plan(128, 32, c // 32, r * r, bwd=b, channels_last=False, elem_size=2, sm_count=132)
+              for c, r in _preset_shapes()["celeba64"] for b in (False, True)]
+    monkeypatch.setattr(agn, "_CL_ROW_BYTES", 1 << 12)
+    monkeypatch.setattr(agn, "_CL_MIN_WAVES", 0)
+    monkeypatch.setattr(agn, "_CL_L2_BYTES", 1 << 40)
+    after = [agn.launch_plan(128, 32, c // 32, r * r, bwd=b, channels_last=False, elem_size=2, sm_count=132)
+             for c, r in _preset_shapes()["celeba64"] for b in (False, True)]
+    assert after == before
+    # ... while channels_last follows them (the knobs are read per call, past the plan cache)
+    cl = agn.launch_plan(128, 32, 2, 64 * 64, bwd=False, channels_last=True, elem_size=2, sm_count=132)
+    assert cl.gpb == 32
+
+
+def test_plan_of_a_cpu_tensor_uses_the_fake_sm_count(monkeypatch):
+    monkeypatch.setattr(agn, "_INTERP_PLAN", False)
+    x = torch.empty(16, 128, 8, 8).contiguous(memory_format=torch.channels_last)
+    for sms in (1, 132, 1000):
+        monkeypatch.setattr(agn, "_CPU_SM_COUNT", sms)
+        assert agn._plan(x, 32, 4, 64, False, True) == agn.launch_plan(
+            16, 32, 4, 64, bwd=False, channels_last=True, elem_size=4, sm_count=sms)

@@ -14,12 +14,12 @@ up to 400 s (``--window``, 420 s by default, is the most a plan may ask for):
 3. ``sweep``        the training step at 16 and 128 images per GPU: NHWC/NCHW x CUDA graph on/off
                     x fused on/off, and the original's configuration, one train() per row          -> sweep.json
 4. ``kernels``      benchmarks/kernel_timing.py: fused kernels timed inside a CUDA graph          -> kernels.json
-5. ``kernel_tests`` the kernels' test files, compiled                                             -> kernel_tests.json
+5. ``kernel_tests`` the kernels' test files, compiled                                -> env.json ("kernel_tests")
 6. ``engine``       train() under DeepSpeed, original configuration vs preset, no compile         -> engine.json
 7. ``compile``      optional, last: the preset with torch.compile, as far as the time left goes    -> compile.json
 
 then ``summary.md`` (every phase: done, failed, killed by its limit, cut, not reached; every goal)
-and ``log.txt``. Each phase's JSON is written as the phase goes and summary.md before and after
+and ``log.txt``: 8 files, what a device run brings back at most. Each phase's JSON is written as the phase goes and summary.md before and after
 every phase, so a window that ends early still returns what completed and names what did not.
 ``benchmarks/plot_results.py`` turns a results directory into figures and the table of
 ``docs/performance.md``.
@@ -161,6 +161,7 @@ class Run:
         self.env_info: dict | None = None
         self.phases: dict[str, dict] = {}
         self.current: str | None = None
+        self.kernel_tests: dict | None = None   # the kernel_tests phase's summary, kept in env.json
         # The window is counted from gpu_check.sh's start when it sets GPU_CHECK_T0 (the wheel
         # install then counts too), else from now.
         self.started = time.time()
@@ -169,6 +170,7 @@ class Run:
         self.deadline = min(t0, self.started) + sum(self.budgets.values())
         self.caps = _pairs(args.phase_limit, "--phase-limit")
         self.slack = 0.0
+        self.share = 0.0
         self.command = os.environ.get("GPU_CHECK_COMMAND") or shlex.join(
             ["python", str(SELF.relative_to(REPO)), *sys.argv[1:]])
 
@@ -197,9 +199,11 @@ class Run:
         self.phases[phase] = {"status": res.status, "returncode": res.returncode, "wall_s": round(res.wall_s, 1),
                               "limit_s": round(limit, 1), **extra}
         if res.status == "timeout":
-            self.phases[phase]["reason"] = f"killed by its time limit ({limit:.0f} s)"
-        # What this phase left of its own share goes to the next one.
-        self.slack = max(0.0, (limit + KILL_GRACE_S if budget is None else budget) - res.wall_s)
+            self.phases[phase].setdefault("reason", f"killed by its time limit ({limit:.0f} s)")
+        # What this phase left of its own share (its budget plus the slack it was handed, a
+        # --phase-limit cap aside) goes to the next one.
+        share = self.share if budget is None else budget
+        self.slack = max(0.0, share - res.wall_s)
         print(f"[gpu_check] {phase}: {res.status} in {res.wall_s:.0f} s (limit {limit:.0f} s)", flush=True)
         if res.status not in ("ok", "skipped"):
             tail = self.log(phase).read_text(errors="replace").splitlines()[-25:] if self.log(phase).exists() else []
@@ -235,6 +239,11 @@ class Run:
             rows.append((name, p))
         return rows
 
+    def has_output(self, phase: str) -> bool:
+        if phase == "kernel_tests":
+            return self.kernel_tests is not None
+        return self.out is not None and (self.out / OUTPUTS[phase]).is_file()
+
     def write_summary(self) -> None:
         if self.out is None:
             return
@@ -243,7 +252,7 @@ class Run:
         env = self.env_info or {}
         table = self.phase_table()
         if env:
-            env = dict(env, phases=dict(table), command=self.command, budget_s=round(sum(self.budgets.values())),
+            env = dict(env, phases=dict(table), kernel_tests=self.kernel_tests, command=self.command, budget_s=round(sum(self.budgets.values())),
                        window_s=self.args.window, budgets={k: round(v, 1) for k, v in self.budgets.items()},
                        rehearsal=not env.get("cuda"), tiny=bool(self.args.tiny),
                        started=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(timespec="seconds"),
@@ -269,15 +278,14 @@ class Run:
                     v = p[key]
                     note = (note + "; " if note else "") + (", ".join(f"{k}: {x}" for k, x in v.items())
                                                             if isinstance(v, dict) else f"{key}: {v}")
-            f = OUTPUTS.get(name)
-            have = f if f and (self.out / f).is_file() else "missing"
+            have = OUTPUTS[name] if self.has_output(name) else "missing"
             lines.append(f"| {name} | {p['status']} | {p.get('wall_s', '')} | {p.get('limit_s', '')} | {have} | {note} |")
         unreached = [n for n, p in table if p["status"] in ("not reached", "cut")]
         killed = [n for n, p in table if p["status"] == "timeout"]
-        missing = [n for n, _ in table if OUTPUTS.get(n) and not (self.out / OUTPUTS[n]).is_file()]
+        missing = [n for n, _ in table if not self.has_output(n)]
         lines += ["", f"Killed by their limit: {', '.join(killed) or 'none'}. "
                       f"Cut or not reached: {', '.join(unreached) or 'none'}. "
-                      f"Results missing: {', '.join(OUTPUTS[n] for n in missing) or 'none'}."]
+                      f"Results missing: {', '.join(n for n in missing) or 'none'}."]
         miss = [PACKAGES[m] for m, v in env.get("packages", {}).items() if not v["found"]]
         lines += ["", f"Missing packages: {', '.join(miss) or 'none'}.", "", "## Goals", "",
                   rows_to_markdown(goal_rows(res))]
@@ -321,6 +329,7 @@ class Run:
                 self.skip(phase, f"under {MIN_PHASE_S} s of the window left", status="not reached")
                 continue
             self.write_summary()  # if the window ends during this phase, the summary says so
+            self.share = self.budgets[phase] + self.slack
             print(f"[gpu_check] {phase}: start (limit {self.limit(phase):.0f} s)", flush=True)
             try:
                 PHASES[phase].run_phase(self)

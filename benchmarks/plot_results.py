@@ -6,7 +6,7 @@
     python benchmarks/plot_results.py RESULTS --doc docs/performance.md --no-figures
 
 RESULTS is a directory written by ``benchmarks/gpu_check.py`` on a GPU (env.json, ceilings.json,
-sweep.json, kernels.json, kernel_tests.json, engine.json, compile.json) or a plain pytest-benchmark
+sweep.json, kernels.json, engine.json, compile.json; the kernel tests inside env.json) or a plain pytest-benchmark
 JSON file (what ``make bench`` writes on a CPU); gpu_check's CPU rehearsals are never taken. Without an argument the newest GPU results directory is used; if
 there is none, the table says so and shows the newest CPU results instead.
 

@@ -200,8 +200,10 @@ def test_cpu_rehearsal_runs_every_phase_in_order_and_each_writes_its_json(tmp_pa
         if phase == "bench" or (phase == "kernels" and not kernels_present):
             continue
         data = json.loads((out / fname).read_text())
-        if phase not in ("kernel_tests",):
-            assert data.get("rehearsal") is True, phase
+        assert data.get("rehearsal") is True, phase
+    kt = json.loads((out / "env.json").read_text())["kernel_tests"]
+    assert kt["status"] == "ok" and kt["collected_only"] is True and kt["files"]
+    assert len(list(out.iterdir())) <= settings.MAX_FILES  # what a device run brings back
     table = _summary_phases((out / "summary.md").read_text())
     assert list(table) == list(settings.PHASE_BUDGETS)
     for phase, cells in table.items():
@@ -245,17 +247,20 @@ def test_a_cut_window_keeps_the_finished_phases_and_names_what_is_missing(tmp_pa
     seen.append(rest)
     log = "".join(seen)
     assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
-    for fname in ("env.json", "ceilings.json", "kernel_tests.json"):
+    for fname in ("env.json", "ceilings.json"):
         assert json.loads((out / fname).read_text()), fname
+    assert json.loads((out / "env.json").read_text())["kernel_tests"]["status"] == "ok"
     summary = (out / "summary.md").read_text()
     table = _summary_phases(summary)
     assert list(table) == list(settings.PHASE_BUDGETS)
-    assert table["sweep"][1] == "timeout" and "killed by its time limit" in table["sweep"][5]
+    # killed by its limit, or (on a fast machine) stopped by the worker itself before its first row
+    assert table["sweep"][1] == "timeout" and "by its time limit" in table["sweep"][5], (table["sweep"], log)
     assert table["engine"][1] == "cut" and table["engine"][4] == "missing"
     assert table["compile"][1] == "not reached" and table["compile"][4] == "missing"
     assert table["ceilings"][1] == "ok" and table["kernel_tests"][1] == "ok"
     assert "Killed by their limit: sweep." in summary and "Cut or not reached: engine, compile." in summary
-    assert "engine.json" in summary.split("Results missing:", 1)[1] and "compile.json" in summary.split("Results missing:", 1)[1]
+    missing = summary.split("Results missing:", 1)[1].split(".")[0]
+    assert "engine" in missing and "compile" in missing and "ceilings" not in missing
 
 
 # ------------------------------------------------------------------------------ fair runs

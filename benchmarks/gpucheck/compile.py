@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpucheck.children import run_child
 from gpucheck.results import load_json
-from gpucheck.settings import COMPILE_STEPS, KILL_GRACE_S, TINY, TINY_CONFIG
+from gpucheck.settings import COMPILE_STEPS, TINY, TINY_CONFIG
 
 
 def worker_compile(out: Path, tmp: Path, deadline: float, fast_config: str, tiny: bool) -> None:
@@ -41,7 +41,7 @@ def worker_compile(out: Path, tmp: Path, deadline: float, fast_config: str, tiny
 def run_phase(ctx) -> None:
     limit = ctx.limit("compile")
     cmd = ctx.worker_cmd("compile", "--worker-out", str(ctx.out / "compile.json"), "--tmp", str(ctx.tmp / "work"),
-                         "--deadline", str(time.time() + limit - KILL_GRACE_S),
+                         "--deadline", str(time.time() + limit),
                          "--engine-fast-config", ctx.args.engine_fast_config, *(["--tiny"] if ctx.args.tiny else []))
     extra = {"TORCHDYNAMO_DISABLE": "1"} if ctx.args.tiny else None
     res = run_child(cmd, ctx.log("compile"), limit, ctx.env(extra))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gpucheck.children import run_child
+from gpucheck.children import ChildResult, run_child
 from gpucheck.results import compare_runs, load_json, summarise_run
 from gpucheck.settings import (ENGINE_BATCH, ENGINE_LOG_EVERY, ENGINE_RUNS, ENGINE_STEPS, ENGINE_WARMUP_STEPS,
-                               KILL_GRACE_S, TINY, TINY_CONFIG)
+                               TINY, TINY_CONFIG)
 
 # Shares of the time left when each run starts: the eager fp32 original is the slowest.
 _SHARES = {"original": 0.55, "fast": 0.6, "fast_fp32": 1.0}
@@ -62,7 +62,7 @@ def run_phase(ctx) -> None:
     limit = ctx.limit("engine")
     a = ctx.args
     cmd = ctx.worker_cmd("engine", "--worker-out", str(ctx.out / "engine.json"), "--tmp", str(ctx.tmp / "work"),
-                         "--deadline", str(time.time() + limit - KILL_GRACE_S),
+                         "--deadline", str(time.time() + limit),
                          "--engine-steps", str(a.engine_steps), "--engine-batch", str(a.engine_batch),
                          "--engine-fast-config", a.engine_fast_config,
                          "--engine-original-config", a.engine_original_config,
@@ -70,4 +70,8 @@ def run_phase(ctx) -> None:
                          *[f"--engine-extra={x}" for x in a.engine_extra])
     res = run_child(cmd, ctx.log("engine"), limit, ctx.env())
     eng = load_json(ctx.out / "engine.json") or {}
-    ctx.record("engine", res, limit, runs={k: v.get("status") for k, v in (eng.get("runs") or {}).items()})
+    extra = {}
+    if res.status == "ok" and eng.get("stopped"):   # the worker stopped itself at the phase's limit
+        res = ChildResult("timeout", res.returncode, res.wall_s)
+        extra["reason"] = f"stopped by its time limit: {eng['stopped']}"
+    ctx.record("engine", res, limit, **extra, runs={k: v.get("status") for k, v in (eng.get("runs") or {}).items()})

@@ -57,7 +57,7 @@ def parse_verbose_log(text: str) -> dict:
 
 
 def run_phase(ctx) -> None:
-    """Parent side: pytest -v on the kernel test files, then kernel_tests.json."""
+    """Parent side: pytest -v on the kernel test files; the summary goes into env.json."""
     limit = ctx.limit("kernel_tests")
     tests = [t for t in KERNEL_TESTS if (REPO / t).is_file()]
     junit = ctx.tmp / "kernel_tests.xml"
@@ -79,5 +79,5 @@ def run_phase(ctx) -> None:
                    compiled=bool(ctx.env_info.get("cuda")), wall_s=res.wall_s,
                    rehearsal=not ctx.env_info.get("cuda"), collected_only=bool(ctx.args.tiny),
                    device=ctx.env_info.get("device", {}).get("name"))
-    (ctx.out / "kernel_tests.json").write_text(json.dumps(summary, indent=1))
+    ctx.kernel_tests = summary
     ctx.record("kernel_tests", res, limit, totals=summary["totals"])

@@ -124,8 +124,11 @@ PHASE_NEEDS = {
     "engine": _TRAIN,
     "compile": _TRAIN + ["triton"],
 }
+# A device run brings back at most 8 files: 6 phase JSONs, summary.md and log.txt. The kernel
+# tests' summary (parsed by this process, not a child) goes into env.json, key "kernel_tests".
+MAX_FILES = 8
 OUTPUTS = {"env": "env.json", "ceilings": "ceilings.json", "sweep": "sweep.json", "kernels": "kernels.json",
-           "kernel_tests": "kernel_tests.json", "bench": "bench_kernels.json", "engine": "engine.json",
+           "kernel_tests": "env.json", "bench": "bench_kernels.json", "engine": "engine.json",
            "compile": "compile.json"}
 
 # The GPU machine's image (Python 3.12, torch, Triton, no registry) has these distributions; what

@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gpucheck.children import run_child
+from gpucheck.children import ChildResult, run_child
 from gpucheck.results import load_json
-from gpucheck.settings import (ENGINE_FAST_CONFIG, ENGINE_ORIGINAL_CONFIG, KILL_GRACE_S, ORIGINAL_OVERRIDES,
+from gpucheck.settings import (ENGINE_FAST_CONFIG, ENGINE_ORIGINAL_CONFIG, ORIGINAL_OVERRIDES,
                                SWEEP_BATCHES, SWEEP_ROW_CAP_S, SWEEP_STEPS, TINY, TINY_CONFIG)
 
 _ON_OFF = {True: "true", False: "false"}
@@ -113,12 +113,16 @@ def run_phase(ctx) -> None:
     """Parent side: the sweep worker in one child with the phase's limit."""
     limit = ctx.limit("sweep")
     cmd = ctx.worker_cmd("sweep", "--worker-out", str(ctx.out / "sweep.json"), "--tmp", str(ctx.tmp / "work"),
-                         "--deadline", str(time.time() + limit - KILL_GRACE_S),
+                         "--deadline", str(time.time() + limit),
                          "--engine-fast-config", ctx.args.engine_fast_config,
                          "--engine-original-config", ctx.args.engine_original_config,
                          *(["--tiny"] if ctx.args.tiny else []))
     res = run_child(cmd, ctx.log("sweep"), limit, ctx.env())
     sw = load_json(ctx.out / "sweep.json") or {}
     runs = sw.get("runs") or []
-    ctx.record("sweep", res, limit, rows=f"{sum(bool(r.get('images_per_s')) for r in runs)} timed of "
+    extra = {}
+    if res.status == "ok" and sw.get("stopped"):   # the worker stopped itself at the phase's limit
+        res = ChildResult("timeout", res.returncode, res.wall_s)
+        extra["reason"] = f"stopped by its time limit: {sw['stopped']}"
+    ctx.record("sweep", res, limit, **extra, rows=f"{sum(bool(r.get('images_per_s')) for r in runs)} timed of "
                f"{len(sw.get('planned') or [])} planned")

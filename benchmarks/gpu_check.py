@@ -127,14 +127,17 @@ def device_call(args) -> dict:
     for pb in args.phase_budget:
         extra += ["--phase-budget", pb]
     cmd = DEVICE_COMMAND + (" " + shlex.join(extra) if extra else "")
-    return {"command": cmd, "carry": list(DEVICE_CARRY), "timeout_s": int(min(args.window, 600))}
+    # The device tool's timeout is the window itself (the plan leaves its last seconds for the
+    # summary); the tool takes at most 600 s.
+    return {"command": cmd, "carry": list(DEVICE_CARRY),
+            "timeout_s": int(min(args.window if args.window != DEFAULT_WINDOW else DEVICE_TIMEOUT_S, 600))}
 
 
 def plan_lines(args, out_desc: str) -> list[str]:
     b = phase_budgets(args)
     total = sum(b.values())
     lines = [f"output directory: {out_desc}",
-             f"phases in order (budget in s; unused seconds carry forward, no phase eats into the later ones'):"]
+             "phases in order (budget in s; unused seconds carry forward, no phase eats into the later ones'):"]
     for i, (p, s) in enumerate(b.items(), 1):
         lines.append(f"  {i}. {p:<13} {s:5.0f} s -> {OUTPUTS.get(p, '-'):<18} {WHAT[p]}")
     lines.append(f"  total {total:.0f} s of a {args.window:.0f} s window (counted from gpu_check.sh's start, the wheel "

@@ -307,9 +307,10 @@ def render_table(gpu: Path | None, cpu: Path | None, doc: Path, figures: list[Pa
         if figures:
             out += [""] + [f"![{p.stem}]({_rel(p, doc)})" for p in figures]
     else:
-        out += ["**No GPU results are committed yet.** `benchmarks/gpu_check.py` is ready and its dry run "
-                "is tested on CPU; the first session lent a GPU runs it (*Running it* below) and commits "
-                "its results, which then replace this paragraph. None of the goals has been measured.", ""]
+        out += ["**No GPU results are committed yet.** `benchmarks/gpu_check.py` is ready: its dry run and "
+                "a CPU rehearsal of every phase are tested in CI; the first session lent a GPU runs it "
+                "(*Running it* below) and commits its results, which then replace this paragraph. None of "
+                "the goals has been measured.", ""]
         if cpu is not None:
             res = load_any(cpu)
             out += ["CPU results that exist (ratios only: CPU timings say nothing about the GPU kernels, "

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from gpucheck.children import ChildResult, run_child
 from gpucheck.results import compare_runs, load_json, summarise_run
-from gpucheck.settings import (ENGINE_BATCH, ENGINE_LOG_EVERY, ENGINE_RUNS, ENGINE_STEPS, ENGINE_WARMUP_STEPS,
-                               TINY, TINY_CONFIG)
+from gpucheck.settings import ENGINE_LOG_EVERY, ENGINE_RUNS, ENGINE_WARMUP_STEPS, TINY, TINY_CONFIG
 
 # Shares of the time left when each run starts: the eager fp32 original is the slowest.
 _SHARES = {"original": 0.55, "fast": 0.6, "fast_fp32": 1.0}
@@ -41,6 +40,7 @@ def worker_engine(out: Path, tmp: Path, deadline: float, steps: int, batch: int,
         left = deadline - time.time() - 3
         if left < 8:
             res.data["stopped"] = f"phase time spent before run {name}"
+            res.save()
             break
         cap = left * _SHARES[name]
         row = train_run(tmp, f"engine-{name}", configs[which], [*more, *extra], batch, steps, log_every, cap, ddpm)

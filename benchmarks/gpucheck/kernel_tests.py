@@ -3,7 +3,6 @@ summarised from junit XML (or from pytest's -v lines when the phase limit killed
 wrote the XML). The CPU rehearsal (--tiny) only collects them: CI runs them anyway."""
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import sys

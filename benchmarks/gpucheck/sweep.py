@@ -90,6 +90,7 @@ def worker_sweep(out: Path, tmp: Path, deadline: float, fast_config: str, origin
         cap = 600.0 if tiny else SWEEP_ROW_CAP_S[b]
         if time.time() + 5 > deadline:
             res.data["stopped"] = f"phase time spent before row {spec['name']}"
+            res.save()
             break
         row = train_run(tmp, spec["name"], spec["config"], spec["overrides"], b, 2 * n, n, cap, ddpm)
         row.update({k: spec[k] for k in ("channels_last", "cuda_graph", "fused", "original", "precision")})

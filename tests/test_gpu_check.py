@@ -228,10 +228,13 @@ def test_cpu_rehearsal_runs_every_phase_in_order_and_each_writes_its_json(tmp_pa
 
 def test_a_cut_window_keeps_the_finished_phases_and_names_what_is_missing(tmp_path):
     """sweep is killed by its limit; the run is then ended (SIGTERM, as the device tool's timeout
-    does) while engine runs: what finished stays, and summary.md names the rest."""
+    does) while engine runs: what finished stays, and summary.md names the rest. (Phase kernels is
+    left out to keep the test short; the rehearsal above runs it.)"""
     out = tmp_path / "out"
+    phases = ["ceilings", "sweep", "kernel_tests", "engine", "compile"]
     proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--allow-cpu", "--tiny",
-                             "--out", str(out), "--phase-limit", "sweep=2"], cwd=REPO, env=_rehearsal_env(),
+                             "--out", str(out), "--phase-limit", "sweep=2", "--phases", *phases], cwd=REPO,
+                            env=_rehearsal_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     try:
@@ -252,7 +255,7 @@ def test_a_cut_window_keeps_the_finished_phases_and_names_what_is_missing(tmp_pa
     assert json.loads((out / "env.json").read_text())["kernel_tests"]["status"] == "ok"
     summary = (out / "summary.md").read_text()
     table = _summary_phases(summary)
-    assert list(table) == list(settings.PHASE_BUDGETS)
+    assert list(table) == ["env", *phases]
     # killed by its limit, or (on a fast machine) stopped by the worker itself before its first row
     assert table["sweep"][1] == "timeout" and "by its time limit" in table["sweep"][5], (table["sweep"], log)
     assert table["engine"][1] == "cut" and table["engine"][4] == "missing"

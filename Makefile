@@ -55,6 +55,8 @@ launch-budget: setup
 	$(PY) -m pytest benchmarks/bench_launch_budget.py -q --benchmark-enable --benchmark-only \
 		--benchmark-json=.benchmarks/launch-budget-$$(date +%Y-%m-%d).json
 
+# The plan (phase budgets within the window, else exit 2), the wheel preflight of .whl/ for the
+# GPU machine's Python 3.12 (exit 3 when a wheel is missing or unusable) and the device call.
 gpu-check-dry: setup
 	$(PY) benchmarks/gpu_check.py --dry-run
 
@@ -70,6 +72,8 @@ gpu-wheels: setup
 	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TAGS) -d .whl $(GPU_WHEELS)
 	# deepspeed ships only an sdist; its setup.py imports torch, hence no build isolation.
 	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	# Check what was built: every wheel present, tags for cp312, requirements met, imports.
+	$(PY) benchmarks/gpu_check.py --dry-run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks runs

@@ -1,47 +1,46 @@
 #!/usr/bin/env python3
-"""One prepared run on one GPU that measures everything the performance claims rest on.
+"""One prepared run on one GPU, inside one device window, that measures what the performance
+claims rest on, the most valuable numbers first.
 
-    bash benchmarks/gpu_check.sh                 # on the GPU machine (installs .whl/ if present)
-    python benchmarks/gpu_check.py --dry-run     # any machine: the plan and the environment check
-    python benchmarks/gpu_check.py --out DIR     # results into DIR (default: $OUT if set, else
-                                                 # benchmarks/results/<date>-<device>/)
+    bash benchmarks/gpu_check.sh                 # on the GPU machine (installs .whl/ first)
+    python benchmarks/gpu_check.py --dry-run     # any machine: plan, wheel preflight, device call
+    python benchmarks/gpu_check.py --allow-cpu --tiny --out DIR   # CPU rehearsal of every phase
 
-Phases, in order, each a separate process group with its own time limit (unused time carries
-forward, so the whole run ends inside ``--budget`` seconds, 450 by default, even if a phase hangs):
+Phases, in order, each a separate process group with its own time limit; the default budgets add
+up to 400 s (``--window``, 420 s by default, is the most a plan may ask for):
 
-1. ``env``          what is installed, where ``diti_fast`` and ``diti_fast.kernels`` come from  -> env.json
-2. ``ceilings``     device-to-device copy bandwidth and bf16 / tf32 / fp32 matmul rates        -> ceilings.json
-3. ``kernel_tests`` the kernel test files, compiled (TRITON_INTERPRET unset)                    -> kernel_tests.json
-4. ``bench``        the kernel, loss, attention and masked-latent benchmarks (pytest-benchmark) -> bench_kernels.json
-5. ``engine``       200 steps of the celeba64 preset and of the original's configuration on
-                    synthetic in-memory data (train.py, one process)                            -> engine.json
+1. ``env``          packages, device, where ``diti_fast`` and ``diti_fast.kernels`` come from   -> env.json
+2. ``ceilings``     device-to-device copy bandwidth, bf16 / tf32 / fp32 matmul rates             -> ceilings.json
+3. ``sweep``        the training step at 16 and 128 images per GPU: NHWC/NCHW x CUDA graph on/off
+                    x fused on/off, and the original's configuration, one train() per row          -> sweep.json
+4. ``kernels``      benchmarks/kernel_timing.py: fused kernels timed inside a CUDA graph          -> kernels.json
+5. ``kernel_tests`` the kernels' test files, compiled                                -> env.json ("kernel_tests")
+6. ``engine``       train() under DeepSpeed, original configuration vs preset, no compile         -> engine.json
+7. ``compile``      optional, last: the preset with torch.compile, as far as the time left goes    -> compile.json
 
-then ``summary.md`` (phases and every goal, met or not) and ``log.txt`` (all phase output): 7 files,
-inside the 8 a device run may bring back. ``benchmarks/plot_results.py`` turns a results directory
-into figures and the table of ``docs/performance.md``.
+then ``summary.md`` (every phase: done, failed, killed by its limit, cut, not reached; every goal)
+and ``log.txt``: 8 files, what a device run brings back at most. Each phase's JSON is written as the phase goes and summary.md before and after
+every phase, so a window that ends early still returns what completed and names what did not.
+``benchmarks/plot_results.py`` turns a results directory into figures and the table of
+``docs/performance.md``.
 
 The package need not be installed: ``diti_fast`` is imported from this checkout (its root goes on
-PYTHONPATH) and ``kernels/``, which only the editable install maps to ``diti_fast.kernels``, is
-mapped by a generated ``sitecustomize.py`` (a meta-path finder for that one name) in a temporary
-directory that also goes on PYTHONPATH of every child process, so pytest, train.py and Inductor's
-compile workers all see it. It chains to any sitecustomize it shadows.
+PYTHONPATH) and ``kernels/`` is mapped to ``diti_fast.kernels`` by a generated
+``sitecustomize.py`` on every child's PYTHONPATH. This parent process never imports torch.
 
-This parent process never imports torch: a hung CUDA call can only take a child down with it.
-
-Code map (``benchmarks/gpucheck/``, one module per concern): ``settings`` (budgets, files, goals),
-``children`` (the import shim, child environments, process groups with time limits), one module
-per phase (``environment``, ``ceilings``, ``kernel_tests``, ``bench``, ``engine``: the worker that
-runs in the child and ``run_phase``, the parent's side), and ``results`` (the analysis of a
-results directory, shared with ``plot_results.py``). This file: the command line, the plan, the
-phase sequence and time budget, ``summary.md``.
+Code map (``benchmarks/gpucheck/``): ``settings`` (budgets, files, goals, packages, wheels),
+``children`` (the import shim, child environments, process groups with time limits), ``runs``
+(timed ``train()`` runs in a child), one module per phase (``environment``, ``ceilings``,
+``sweep``, ``kernels``, ``kernel_tests``, ``bench``, ``engine``, ``compile``), ``wheels`` (the
+preflight of ``.whl/``) and ``results`` (the analysis, shared with ``plot_results.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
 import datetime as dt
+import json
 import os
 import shlex
 import shutil
@@ -52,17 +51,33 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpucheck/ beside this script; no install needed
-from gpucheck import bench, ceilings, engine, environment, kernel_tests, sweep  # noqa: E402
+from gpucheck import bench, ceilings, compile as compile_phase, engine, environment, kernel_tests, kernels, sweep  # noqa: E402
+from gpucheck import wheels  # noqa: E402
 from gpucheck.children import ChildResult, _terminate_children, child_env, run_child, write_shim  # noqa: E402
-from gpucheck.engine import engine_overrides  # noqa: E402
 from gpucheck.environment import device_slug, env_report_lines, missing_for  # noqa: E402
 from gpucheck.results import goal_rows, load_json, load_results, rows_to_markdown  # noqa: E402
-from gpucheck.settings import (BENCH_ARGS, BENCH_FILES, DEFAULT_BUDGET, ENGINE_FAST_CONFIG,  # noqa: E402
-                               ENGINE_ORIGINAL_CONFIG, ENGINE_STEPS, ENV_TIMEOUT_S, KERNEL_TESTS, LOG_CAP_BYTES,
-                               PACKAGES, PHASE_BUDGETS, REPO, SWEEP_BATCHES)
+from gpucheck.settings import (DEFAULT_WINDOW, DEVICE_CARRY, DEVICE_COMMAND, DEVICE_TIMEOUT_S,  # noqa: E402
+                               ENGINE_BATCH, ENGINE_FAST_CONFIG, ENGINE_ORIGINAL_CONFIG, ENGINE_STEPS,
+                               EXTRA_PHASE_BUDGETS, KERNEL_TESTS, KERNEL_TIMING_SCRIPT, KILL_GRACE_S,
+                               LOG_CAP_BYTES, MIN_PHASE_S, OUTPUTS, PACKAGES, PHASE_BUDGETS, PHASE_ORDER, REPO,
+                               SWEEP_BATCHES)
 
 SELF = Path(__file__).resolve()
-PHASES = {"ceilings": ceilings, "kernel_tests": kernel_tests, "bench": bench, "engine": engine, "sweep": sweep}
+PHASES = {"ceilings": ceilings, "sweep": sweep, "kernels": kernels, "kernel_tests": kernel_tests, "bench": bench,
+          "engine": engine, "compile": compile_phase}
+ALL_BUDGETS = {**PHASE_BUDGETS, **EXTRA_PHASE_BUDGETS}
+WHAT = {
+    "env": "packages, CUDA device, import origins (diti_fast.kernels through the shim)",
+    "ceilings": "copy bandwidth (benchmarks/conftest.py), 8192³ matmul bf16/tf32/fp32",
+    "sweep": "train() per row, batch " + "/".join(map(str, SWEEP_BATCHES)) + " per GPU: the preset and the original's "
+             "configuration first, then NHWC/NCHW x CUDA graph on/off x fused on/off; no compile",
+    "kernels": f"python {KERNEL_TIMING_SCRIPT} --json kernels.json (CUDA-graph timings, GB/s vs copy)",
+    "kernel_tests": "pytest " + " ".join(Path(t).name for t in KERNEL_TESTS) + " (compiled; files present only)",
+    "bench": "pytest-benchmark kernel files (optional)",
+    "engine": f"train() under DeepSpeed: original configuration vs preset (then fp32 preset), {ENGINE_STEPS} steps "
+              f"of {ENGINE_BATCH}, no compile",
+    "compile": "optional: the preset with torch.compile at batch 16, as far as the time left goes",
+}
 
 
 def worker_cmd(name: str, *args: str) -> list[str]:
@@ -70,40 +85,66 @@ def worker_cmd(name: str, *args: str) -> list[str]:
     return [sys.executable, str(SELF), "--worker", name, *args]
 
 
+def _pairs(items: list[str], what: str) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in ALL_BUDGETS:
+            raise SystemExit(f"gpu_check: {what} {item!r}: expected PHASE=SECONDS with PHASE one of "
+                             f"{', '.join(ALL_BUDGETS)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"gpu_check: {what} {item!r}: {value!r} is not a number of seconds") from None
+    return out
+
+
+def selected_phases(args) -> list[str]:
+    return ["env"] + [p for p in PHASE_ORDER if p in args.phases and p != "env"]
+
+
 def phase_budgets(args) -> dict[str, float]:
-    """Seconds per selected phase (env always), scaled so that they add up to --budget."""
-    sel = ["env"] + [p for p in PHASE_BUDGETS if p in args.phases and p != "env"]
-    total = sum(PHASE_BUDGETS[p] for p in sel)
-    return {p: PHASE_BUDGETS[p] * args.budget / total for p in sel}
+    """Seconds per selected phase (env always), in run order: the defaults, then --phase-budget,
+    then scaled so that they add up to --budget when it is given."""
+    sel = selected_phases(args)
+    own = _pairs(args.phase_budget, "--phase-budget")
+    b = {p: own.get(p, ALL_BUDGETS[p]) for p in sel}
+    if args.budget is not None:
+        total = sum(b.values())
+        b = {p: v * args.budget / total for p, v in b.items()}
+    return b
+
+
+def device_call(args) -> dict:
+    """The device tool's run call for this plan."""
+    extra = []
+    if args.budget is not None:
+        extra += ["--budget", f"{args.budget:g}"]
+    if args.window != DEFAULT_WINDOW:
+        extra += ["--window", f"{args.window:g}"]
+    if list(args.phases) != list(PHASE_BUDGETS)[1:]:
+        extra += ["--phases", *args.phases]
+    for pb in args.phase_budget:
+        extra += ["--phase-budget", pb]
+    cmd = DEVICE_COMMAND + (" " + shlex.join(extra) if extra else "")
+    # The device tool's timeout is the window itself (the plan leaves its last seconds for the
+    # summary); the tool takes at most 600 s.
+    return {"command": cmd, "carry": list(DEVICE_CARRY),
+            "timeout_s": int(min(args.window if args.window != DEFAULT_WINDOW else DEVICE_TIMEOUT_S, 600))}
 
 
 def plan_lines(args, out_desc: str) -> list[str]:
-    tests = [t for t in KERNEL_TESTS if (REPO / t).is_file()]
-    benches = [b for b in BENCH_FILES if (REPO / b).is_file()]
     b = phase_budgets(args)
+    total = sum(b.values())
     lines = [f"output directory: {out_desc}",
-             f"time budget: {args.budget:.0f} s in all; per phase (unused time carries forward): "
-             + ", ".join(f"{k} {v:.0f} s" for k, v in b.items()),
-             f"1. env          -> env.json           packages, CUDA device, import origins (shim: "
-             f"diti_fast.kernels -> {REPO / 'kernels'})",
-             "2. ceilings     -> ceilings.json      copy bandwidth (benchmarks/conftest.py), 8192³ matmul bf16/tf32/fp32",
-             f"3. kernel_tests -> kernel_tests.json  python -m pytest -v {' '.join(tests)}"
-             + (f" -n {args.test_workers} (if pytest-xdist)" if args.test_workers else "")
-             + " (TRITON_INTERPRET unset: compiled)",
-             f"4. bench        -> bench_kernels.json one pytest run per file: {' '.join(benches)} "
-             f"{' '.join(BENCH_ARGS)}",
-             f"5. engine       -> engine.json        random-weight celeba64 DDPM export, then {args.engine_steps} "
-             f"steps each of python diti_fast/train.py --config {args.engine_original_config} / "
-             f"--config {args.engine_fast_config} / --config {args.engine_fast_config} run.precision=fp32 with "
-             + " ".join(engine_overrides(args.engine_steps, args.engine_batch or 128, Path("<tmp>/run-NAME"),
-                                         Path("<tmp>/ddpm/ema.safetensors"), "cuda", args.engine_extra)),
-             f"6. sweep        -> sweep.json         the engine's step (GraphStep) of {args.engine_fast_config} at "
-             f"per-GPU batch {', '.join(map(str, SWEEP_BATCHES))}, with/without CUDA graph and channels_last, "
-             "images/s and model FLOPs per image (MFU against the bf16 matmul ceiling)",
-             "then summary.md (phases + goals) and log.txt (all output): 8 files",
-             ]
-    if not (REPO / "benchmarks/bench_engine.py").is_file():
-        lines.append("note: benchmarks/bench_engine.py does not exist; the engine phase drives train.py itself")
+             "phases in order (budget in s; unused seconds carry forward, no phase eats into the later ones'):"]
+    for i, (p, s) in enumerate(b.items(), 1):
+        lines.append(f"  {i}. {p:<13} {s:5.0f} s -> {OUTPUTS.get(p, '-'):<18} {WHAT[p]}")
+    lines.append(f"  total {total:.0f} s of a {args.window:.0f} s window (counted from gpu_check.sh's start, the wheel "
+                 f"install included); then summary.md and log.txt")
+    if not (REPO / KERNEL_TIMING_SCRIPT).is_file() and "kernels" in b:
+        lines.append(f"  note: {KERNEL_TIMING_SCRIPT} is not in this checkout: phase kernels will report "
+                     "'script missing' and pass its time on")
     return lines
 
 
@@ -122,10 +163,17 @@ class Run:
         self.out: Path | None = None
         self.env_info: dict | None = None
         self.phases: dict[str, dict] = {}
+        self.current: str | None = None
+        self.kernel_tests: dict | None = None   # the kernel_tests phase's summary, kept in env.json
+        # The window is counted from gpu_check.sh's start when it sets GPU_CHECK_T0 (the wheel
+        # install then counts too), else from now.
         self.started = time.time()
-        self.deadline = self.started + args.budget
+        t0 = float(os.environ.get("GPU_CHECK_T0") or self.started)
         self.budgets = phase_budgets(args)
+        self.deadline = min(t0, self.started) + sum(self.budgets.values())
+        self.caps = _pairs(args.phase_limit, "--phase-limit")
         self.slack = 0.0
+        self.share = 0.0
         self.command = os.environ.get("GPU_CHECK_COMMAND") or shlex.join(
             ["python", str(SELF.relative_to(REPO)), *sys.argv[1:]])
 
@@ -138,33 +186,41 @@ class Run:
     def log(self, phase: str) -> Path:
         return self.tmp / f"{phase}.log"
 
-    def limit(self, phase: str) -> float:
-        """This phase's budget, plus what earlier phases left unused, never past the deadline
-        minus the budgets of the phases still to come."""
+    def limit(self, phase: str, capped: bool = True) -> float:
+        """The time limit handed to this phase's child: its budget plus what earlier phases left
+        unused, never past the deadline minus the budgets of the phases still to come, less the
+        kill's grace period (so a killed phase still ends inside its share); --phase-limit caps it."""
         names = list(self.budgets)
         later = sum(self.budgets[n] for n in names[names.index(phase) + 1:])
         own = self.budgets[phase] + self.slack
-        return max(0.0, min(own, self.deadline - time.time() - later))
+        lim = min(own, self.deadline - time.time() - later) - KILL_GRACE_S
+        if capped and phase in self.caps:
+            lim = min(lim, self.caps[phase])
+        return max(0.0, lim)
 
     def record(self, phase: str, res: ChildResult, limit: float, budget: float | None = None, **extra) -> None:
         self.phases[phase] = {"status": res.status, "returncode": res.returncode, "wall_s": round(res.wall_s, 1),
                               "limit_s": round(limit, 1), **extra}
-        # What this phase left of its own share goes to the next one.
-        self.slack = max(0.0, (limit if budget is None else budget) - res.wall_s)
+        if res.status == "timeout":
+            self.phases[phase].setdefault("reason", f"killed by its time limit ({limit:.0f} s)")
+        # What this phase left of its own share (its budget plus the slack it was handed, a
+        # --phase-limit cap aside) goes to the next one.
+        share = self.share if budget is None else budget
+        self.slack = max(0.0, share - res.wall_s)
         print(f"[gpu_check] {phase}: {res.status} in {res.wall_s:.0f} s (limit {limit:.0f} s)", flush=True)
         if res.status not in ("ok", "skipped"):
             tail = self.log(phase).read_text(errors="replace").splitlines()[-25:] if self.log(phase).exists() else []
             print("\n".join("    " + ln for ln in tail), flush=True)
 
-    def skip(self, phase: str, why: str) -> None:
-        self.phases[phase] = {"status": "skipped", "reason": why}
+    def skip(self, phase: str, why: str, status: str = "skipped") -> None:
+        self.phases[phase] = {"status": status, "reason": why}
         self.slack += self.budgets.get(phase, 0.0)  # its time goes to the next phase
-        print(f"[gpu_check] {phase}: skipped ({why})", flush=True)
+        print(f"[gpu_check] {phase}: {status} ({why})", flush=True)
 
     # -- phases
     def run_env(self, full: bool) -> dict | None:
-        limit = ENV_TIMEOUT_S
         path = self.tmp / "env.json"
+        limit = max(self.limit("env"), 20.0) if not self.args.dry_run else 120.0
         # The first child runs before CUDA is known: leave TRITON_INTERPRET etc. as they are.
         cmd = worker_cmd("env", "--worker-out", str(path)) + (["--full"] if full else [])
         res = run_child(cmd, self.log("env"), limit, self.env())
@@ -173,51 +229,75 @@ class Run:
         return self.env_info
 
     # -- outputs
+    def phase_table(self) -> list[tuple[str, dict]]:
+        """Every selected phase with its state, the ones not run included."""
+        rows = []
+        for name in self.budgets:
+            p = self.phases.get(name)
+            if p is None:
+                if name == self.current:
+                    p = {"status": "cut", "reason": "the run ended during this phase (window over or killed)"}
+                else:
+                    p = {"status": "not reached", "reason": "the run ended before it started"}
+            rows.append((name, p))
+        return rows
+
+    def has_output(self, phase: str) -> bool:
+        if phase == "kernel_tests":
+            return self.kernel_tests is not None
+        return self.out is not None and (self.out / OUTPUTS[phase]).is_file()
+
     def write_summary(self) -> None:
         if self.out is None:
             return
+        for stray in self.out.glob("*.part"):
+            stray.unlink(missing_ok=True)
         env = self.env_info or {}
+        table = self.phase_table()
         if env:
-            env = dict(env, phases=self.phases, command=self.command, budget_s=self.args.budget,
+            env = dict(env, phases=dict(table), kernel_tests=self.kernel_tests, command=self.command, budget_s=round(sum(self.budgets.values())),
+                       window_s=self.args.window, budgets={k: round(v, 1) for k, v in self.budgets.items()},
+                       rehearsal=not env.get("cuda"), tiny=bool(self.args.tiny),
                        started=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(timespec="seconds"),
                        elapsed_s=round(time.time() - self.started, 1),
                        result_dir_name=f"{dt.date.fromtimestamp(self.started).isoformat()}-{device_slug(env)}")
             (self.out / "env.json").write_text(json.dumps(env, indent=1))
         res = load_results(self.out)
         res["env"] = env
-        lines = [f"# gpu_check summary: {env.get('device', {}).get('name', '?')}",
-                 "", f"- date: {env.get('started', '?')} (UTC), elapsed {env.get('elapsed_s', '?')} s of {self.args.budget:.0f} s",
+        rehearsal = not env.get("cuda")
+        lines = [f"# gpu_check summary: {env.get('device', {}).get('name', '?')}"
+                 + (" (CPU rehearsal: nothing here is a GPU figure)" if rehearsal else ""),
+                 "", f"- date: {env.get('started', '?')} (UTC), elapsed {env.get('elapsed_s', '?')} s; plan "
+                 f"{sum(self.budgets.values()):.0f} s of a {self.args.window:.0f} s window",
                  f"- command: `{self.command}`",
                  f"- torch {env.get('torch')}, triton {env.get('packages', {}).get('triton', {}).get('version')}, "
                  f"python {env.get('python')}" + (f", commit {env['git']['commit'][:12]}" + (" (dirty)" if env['git'].get('dirty') else "")
                                                    if env.get("git", {}).get("commit") else ""),
-                 "", "## Phases", "", "| phase | status | seconds | limit | notes |", "|---|---|---|---|---|"]
-        for name in PHASE_BUDGETS:
-            p = self.phases.get(name)
-            if not p:
-                continue
+                 "", "## Phases", "", "| phase | status | seconds | limit | output | notes |", "|---|---|---|---|---|---|"]
+        for name, p in table:
             note = p.get("reason") or ""
-            if "totals" in p:
-                note = ", ".join(f"{k} {v}" for k, v in p["totals"].items())
-            if "files" in p:
-                note = f"{p.get('benchmarks', 0)} benchmarks; " + ", ".join(f"{Path(k).stem}: {v}" for k, v in p["files"].items())
-            if "runs" in p:
-                note = ", ".join(f"{k}: {v}" for k, v in p["runs"].items())
-            if "configurations" in p:
-                note = f"{p['configurations']} configurations"
-            lines.append(f"| {name} | {p['status']} | {p.get('wall_s', '')} | {p.get('limit_s', '')} | {note} |")
+            for key in ("rows", "entries", "totals", "runs", "files"):
+                if key in p:
+                    v = p[key]
+                    note = (note + "; " if note else "") + (", ".join(f"{k}: {x}" for k, x in v.items())
+                                                            if isinstance(v, dict) else f"{key}: {v}")
+            have = OUTPUTS[name] if self.has_output(name) else "missing"
+            lines.append(f"| {name} | {p['status']} | {p.get('wall_s', '')} | {p.get('limit_s', '')} | {have} | {note} |")
+        unreached = [n for n, p in table if p["status"] in ("not reached", "cut")]
+        killed = [n for n, p in table if p["status"] == "timeout"]
+        missing = [n for n, _ in table if not self.has_output(n)]
+        lines += ["", f"Killed by their limit: {', '.join(killed) or 'none'}. "
+                      f"Cut or not reached: {', '.join(unreached) or 'none'}. "
+                      f"Results missing: {', '.join(n for n in missing) or 'none'}."]
         miss = [PACKAGES[m] for m, v in env.get("packages", {}).items() if not v["found"]]
-        lines += ["", f"Missing packages: {', '.join(miss) or 'none'}.", "", "## Goals", "", rows_to_markdown(goal_rows(res))]
+        lines += ["", f"Missing packages: {', '.join(miss) or 'none'}.", "", "## Goals", "",
+                  rows_to_markdown(goal_rows(res))]
         kt = res.get("kernel_tests") or {}
         if kt.get("failures"):
             lines += ["## Kernel test failures", ""] + [f"- `{f['test']}`: {f.get('message', f['kind'])}" for f in kt["failures"][:30]]
-        eng = res.get("engine") or {}
-        for name, r in (eng.get("runs") or {}).items():
-            if r.get("error_tail"):
-                lines += ["", f"## Engine run `{name}`: {r['status']}", "", "```", *r["error_tail"], "```"]
         (self.out / "summary.md").write_text("\n".join(lines) + "\n")
         with open(self.out / "log.txt", "w") as fh:
-            for name in PHASE_BUDGETS:
+            for name in self.budgets:
                 p = self.log(name)
                 if p.exists():
                     fh.write(f"\n===== {name} =====\n")
@@ -225,7 +305,9 @@ class Run:
 
     def execute(self) -> int:
         a = self.args
-        print(f"[gpu_check] repo {REPO}; budget {a.budget:.0f} s; phases {' '.join(a.phases)}", flush=True)
+        print(f"[gpu_check] repo {REPO}; plan {sum(self.budgets.values()):.0f} s: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in self.budgets.items()), flush=True)
+        self.current = "env"
         env = self.run_env(full=True)
         if env is None:
             print("[gpu_check] the environment check failed; see below", flush=True)
@@ -234,13 +316,11 @@ class Run:
         self.out = resolve_out(a, env)
         self.out.mkdir(parents=True, exist_ok=True)
         print(f"[gpu_check] results -> {self.out}", flush=True)
-        lines, problems = env_report_lines(env, a.allow_cpu)
+        lines, _ = env_report_lines(env, a.allow_cpu)
         print("\n".join("    " + ln for ln in lines), flush=True)
-        self.write_summary()
         cuda = bool(env.get("cuda"))
-        for phase in PHASES:
-            if phase not in a.phases:
-                continue
+        for phase in list(self.budgets)[1:]:
+            self.current = phase
             if not cuda and not a.allow_cpu:
                 self.skip(phase, "no CUDA device (--allow-cpu runs it on the CPU)")
                 continue
@@ -248,13 +328,18 @@ class Run:
             if miss:
                 self.skip(phase, "missing " + ", ".join(miss))
                 continue
+            if self.limit(phase, capped=False) < MIN_PHASE_S:
+                self.skip(phase, f"under {MIN_PHASE_S} s of the window left", status="not reached")
+                continue
+            self.write_summary()  # if the window ends during this phase, the summary says so
+            self.share = self.budgets[phase] + self.slack
             print(f"[gpu_check] {phase}: start (limit {self.limit(phase):.0f} s)", flush=True)
             try:
                 PHASES[phase].run_phase(self)
             except Exception as e:  # noqa: BLE001 - one phase's bug must not cost the others
                 self.phases[phase] = {"status": "failed", "reason": f"gpu_check error: {type(e).__name__}: {e}"}
                 print(f"[gpu_check] {phase}: gpu_check error {e!r}", flush=True)
-            self.write_summary()
+        self.current = None
         self.write_summary()
         print("\n" + (self.out / "summary.md").read_text(), flush=True)
         bad = [p for p, v in self.phases.items() if v["status"] not in ("ok", "skipped")]
@@ -264,10 +349,27 @@ class Run:
         a = self.args
         out_desc = str(a.out) if a.out else (f"$OUT ({os.environ['OUT']})" if os.environ.get("OUT") else
                                              "benchmarks/results/<date>-<device>/")
-        print("gpu_check --dry-run: the plan and an environment check; nothing is measured or written\n")
+        print("gpu_check --dry-run: the plan, the wheel preflight, the device call and an environment check; "
+              "nothing is measured or written\n")
         print(f"repo: {REPO}")
         for ln in plan_lines(a, out_desc):
             print(ln)
+        status = 0
+        print(f"\nwheel preflight ({a.wheels}: what the GPU machine lacks, for Python 3.12):")
+        if a.no_wheel_check:
+            print("  not run (--no-wheel-check)")
+        else:
+            pre = wheels.check_wheels(Path(a.wheels), import_check=not a.no_import_check)
+            print("\n".join("  " + ln for ln in wheels.report_lines(pre)))
+            if not pre["ok"]:
+                print("  -> run `make gpu-wheels` here; without these wheels the GPU machine skips "
+                      "sweep, engine and compile")
+                status = 3
+        call = device_call(a)
+        print("\ndevice call (the device tool's run):")
+        print(f"  command:   {call['command']}")
+        print(f"  carry:     {json.dumps(call['carry'])}")
+        print(f"  timeout_s: {call['timeout_s']}")
         env = self.run_env(full=False)
         print("\nenvironment (as the children of a real run see it):")
         if env is None:
@@ -277,13 +379,13 @@ class Run:
         print("\n".join("  " + ln for ln in lines))
         if not a.out and not os.environ.get("OUT"):
             print(f"\nresults would go to benchmarks/results/{dt.date.today().isoformat()}-{device_slug(env)}/")
-        print("\nproblems for a device run:" if problems else "\nno problems found")
+        print("\nproblems for a run here:" if problems else "\nno problems found")
         for p in problems:
             print(f"  - {p}")
-        # Exit 1 only when this checkout itself is unusable (imports fail); a CPU machine lacking
-        # CUDA or the engine's packages is the expected state of a dry run.
+        # Exit 1 when this checkout itself is unusable (imports fail), 3 when the wheels are not
+        # ready; a CPU machine lacking CUDA is the expected state of a dry run.
         broken = [m for m, o in env.get("imports", {}).items() if not o["in_repo"]]
-        return 1 if broken else 0
+        return 1 if broken else status
 
     def cleanup(self) -> None:
         if not self.args.keep_tmp:
@@ -303,23 +405,37 @@ def resolve_out(args, env: dict) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and check the environment; run nothing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan, the wheel preflight and the device call; check the environment; run nothing")
     ap.add_argument("--out", help="results directory (default: $OUT if set, else benchmarks/results/<date>-<device>/)")
-    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help=f"seconds for all phases (default {DEFAULT_BUDGET})")
-    ap.add_argument("--phases", nargs="+", default=list(PHASE_BUDGETS)[1:], choices=list(PHASE_BUDGETS)[1:],
-                    help="which phases after env to run (default: all)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help=f"seconds for all phases, the phase budgets scaled to it (default: their sum, "
+                         f"{sum(PHASE_BUDGETS.values())})")
+    ap.add_argument("--window", type=float, default=DEFAULT_WINDOW,
+                    help=f"the most seconds a plan may take (default {DEFAULT_WINDOW}); a plan over it is refused")
+    ap.add_argument("--phases", nargs="+", default=list(PHASE_BUDGETS)[1:], choices=PHASE_ORDER[1:],
+                    help="which phases after env to run (default: " + " ".join(list(PHASE_BUDGETS)[1:]) + ")")
+    ap.add_argument("--phase-budget", action="append", default=[], metavar="PHASE=SECONDS",
+                    help="a phase's own budget (repeatable)")
+    ap.add_argument("--phase-limit", action="append", default=[], metavar="PHASE=SECONDS",
+                    help="a hard cap on a phase's time limit, slack included (repeatable)")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="run the phases without CUDA (kernels interpreted; for testing this script)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny sizes (the CPU rehearsal): shapes32 network, batch 2, a few steps, tests collected only")
+    ap.add_argument("--wheels", default=str(REPO / ".whl"), help="the wheel folder the dry run checks (default .whl/)")
+    ap.add_argument("--no-wheel-check", action="store_true", help="dry run: skip the wheel preflight")
+    ap.add_argument("--no-import-check", action="store_true", help="dry run: check wheel tags and contents only")
     ap.add_argument("--test-workers", type=int, default=4, help="pytest-xdist workers for kernel tests (0: none)")
     ap.add_argument("--engine-steps", type=int, default=ENGINE_STEPS)
-    ap.add_argument("--engine-batch", type=int, default=0, help="global batch (default: the preset's)")
+    ap.add_argument("--engine-batch", type=int, default=ENGINE_BATCH, help="global batch of the engine phase")
     ap.add_argument("--engine-fast-config", default=ENGINE_FAST_CONFIG)
     ap.add_argument("--engine-original-config", default=ENGINE_ORIGINAL_CONFIG)
     ap.add_argument("--engine-extra", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra train.py override for both runs (repeatable)")
+                    help="extra train.py override for the engine phase's runs (repeatable)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (logs, run dirs)")
     # internal: child workers
-    ap.add_argument("--worker", choices=["env", "ceilings", "engine", "sweep"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["env", "ceilings", "sweep", "engine", "compile"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -327,21 +443,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run_worker(args) -> int:
+    out = Path(args.worker_out)
+    if args.worker == "env":
+        environment.worker_env(out, args.full)
+    elif args.worker == "ceilings":
+        ceilings.worker_ceilings(out, args.tiny)
+    elif args.worker == "sweep":
+        sweep.worker_sweep(out, Path(args.tmp), args.deadline, args.engine_fast_config,
+                           args.engine_original_config, args.tiny)
+    elif args.worker == "engine":
+        engine.worker_engine(out, Path(args.tmp), args.deadline, args.engine_steps, args.engine_batch,
+                             args.engine_extra, args.engine_fast_config, args.engine_original_config, args.tiny)
+    else:
+        compile_phase.worker_compile(out, Path(args.tmp), args.deadline, args.engine_fast_config, args.tiny)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        out = Path(args.worker_out)
-        if args.worker == "env":
-            environment.worker_env(out, args.full)
-        elif args.worker == "ceilings":
-            ceilings.worker_ceilings(out)
-        elif args.worker == "sweep":
-            sweep.worker_sweep(out, args.deadline, args.engine_fast_config)
-        else:
-            signal.signal(signal.SIGTERM, _terminate_children)
-            engine.worker_engine(out, Path(args.tmp), args.deadline, args.engine_steps, args.engine_batch or None,
-                          args.engine_extra, args.engine_fast_config, args.engine_original_config)
-        return 0
+        return run_worker(args)
+    budgets = phase_budgets(args)
+    total = sum(budgets.values())
+    if total > args.window:
+        print(f"gpu_check: the plan needs {total:.0f} s ("
+              + ", ".join(f"{k} {v:.0f}" for k, v in budgets.items())
+              + f"), more than the {args.window:.0f} s window; lower --budget or --phase-budget", file=sys.stderr)
+        return 2
     run = Run(args)
     signal.signal(signal.SIGTERM, _terminate_children)
     try:

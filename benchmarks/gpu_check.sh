@@ -6,6 +6,8 @@
 # the machine's own environment. A failed install is reported and the run goes on: the
 # environment check then names what is missing, and the phases that need it are skipped.
 set -uo pipefail
+# The run's time window starts now: gpu_check.py counts the wheel install against its budget.
+export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s.%N)}
 cd "$(dirname "$0")/.."
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python   # a developer machine

@@ -5,9 +5,9 @@
     python benchmarks/plot_results.py benchmarks/results/2026-12-01-nvidia-h200
     python benchmarks/plot_results.py RESULTS --doc docs/performance.md --no-figures
 
-RESULTS is a directory written by ``benchmarks/gpu_check.py`` (env.json, ceilings.json,
-kernel_tests.json, bench_kernels.json, engine.json) or a plain pytest-benchmark JSON file (what
-``make bench`` writes on a CPU). Without an argument the newest GPU results directory is used; if
+RESULTS is a directory written by ``benchmarks/gpu_check.py`` on a GPU (env.json, ceilings.json,
+sweep.json, kernels.json, engine.json, compile.json; the kernel tests inside env.json) or a plain pytest-benchmark
+JSON file (what ``make bench`` writes on a CPU); gpu_check's CPU rehearsals are never taken. Without an argument the newest GPU results directory is used; if
 there is none, the table says so and shows the newest CPU results instead.
 
 Figures (PNG, next to the results): ``bandwidth.png`` (adaptive GroupNorm and loss GB/s per shape
@@ -39,6 +39,11 @@ _DATE = re.compile(r"(\d{4}-\d{2}-\d{2})")
 
 def is_results_dir(p: Path) -> bool:
     return p.is_dir() and any((p / n).is_file() for n in OUTPUTS.values())
+
+
+def is_rehearsal(p: Path) -> bool:
+    env = analysis.load_json(p / "env.json") or {}
+    return bool(env.get("rehearsal")) or not env.get("cuda")
 
 
 def is_bench_json(p: Path) -> bool:
@@ -79,7 +84,8 @@ def find_latest(root: Path = RESULTS) -> tuple[Path | None, Path | None]:
     """(newest GPU results, newest CPU results) under ``root``; either may be None."""
     if not root.is_dir():
         return None, None
-    cands = [p for p in root.iterdir() if is_results_dir(p) or is_bench_json(p)]
+    # A gpu_check CPU rehearsal (--allow-cpu) tests the script and measures nothing: never a result.
+    cands = [p for p in root.iterdir() if (is_results_dir(p) and not is_rehearsal(p)) or is_bench_json(p)]
     gpu = [p for p in cands if is_gpu(load_any(p))]
     cpu = [p for p in cands if p not in gpu]
     pick = lambda xs: max(xs, key=sort_key) if xs else None  # noqa: E731
@@ -301,9 +307,10 @@ def render_table(gpu: Path | None, cpu: Path | None, doc: Path, figures: list[Pa
         if figures:
             out += [""] + [f"![{p.stem}]({_rel(p, doc)})" for p in figures]
     else:
-        out += ["**No GPU results are committed yet.** `benchmarks/gpu_check.py` is ready and its dry run "
-                "is tested on CPU; the first session lent a GPU runs it (*Running it* below) and commits "
-                "its results, which then replace this paragraph. None of the goals has been measured.", ""]
+        out += ["**No GPU results are committed yet.** `benchmarks/gpu_check.py` is ready: its dry run and "
+                "a CPU rehearsal of every phase are tested in CI; the first session lent a GPU runs it "
+                "(*Running it* below) and commits its results, which then replace this paragraph. None of "
+                "the goals has been measured.", ""]
         if cpu is not None:
             res = load_any(cpu)
             out += ["CPU results that exist (ratios only: CPU timings say nothing about the GPU kernels, "

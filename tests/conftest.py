@@ -3,8 +3,14 @@
 Triton decides between compiled and interpreted kernels when a kernel module is imported, so the
 interpreter switch must be in the environment before any test imports diti_fast.kernels. On a GPU
 machine nothing is set and the same tests run compiled.
+
+DeepSpeed picks one accelerator per process when it is imported. On a machine with CUDA that is
+CUDA, and the engine tests written for the CPU (train() with run.device=cpu through DeepSpeed's
+CPU accelerator) would mix devices: there they are skipped, with the reason, except the tests in
+those modules that need CUDA themselves (a skipif whose reason names CUDA).
 """
 import os
+import re
 
 import torch
 
@@ -32,6 +38,36 @@ def pytest_configure(config):
     unknown addopt stops it before collecting anything). --benchmark-enable turns them on."""
     if config.pluginmanager.hasplugin("benchmark") and not config.getoption("benchmark_enable", False):
         config.option.benchmark_disable = True
+
+
+# A test module that drives the engine: train(), train.py, the claim or demo pipelines, DeepSpeed.
+_CPU_ENGINE_SOURCE = re.compile(r"diti_fast\.engine\.loop|diti_fast\.engine import loop|diti_fast/train\.py|"
+                                r"diti_fast\.train\b|import deepspeed|diti_fast\.claim|diti_fast\.demo")
+_module_drives_engine: dict[Path, bool] = {}
+
+
+def drives_cpu_engine(path: Path) -> bool:
+    if path not in _module_drives_engine:
+        try:
+            _module_drives_engine[path] = bool(_CPU_ENGINE_SOURCE.search(Path(path).read_text(errors="replace")))
+        except OSError:
+            _module_drives_engine[path] = False
+    return _module_drives_engine[path]
+
+
+def needs_cuda(item) -> bool:
+    """A test marked to run only with CUDA (skipif(not cuda, reason="... CUDA ..."))."""
+    return any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="CPU engine test (DeepSpeed's CPU accelerator): CUDA is present, so DeepSpeed "
+                                   "runs on CUDA in this process; CI runs it on a CPU")
+    for item in items:
+        if drives_cpu_engine(Path(str(item.path))) and not needs_cuda(item):
+            item.add_marker(skip)
 
 
 def golden_fixture() -> Path:

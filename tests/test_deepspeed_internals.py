@@ -96,3 +96,18 @@ def test_the_op_table_is_checked(monkeypatch):
     with pytest.raises(elastic.DeepSpeedInternalsError, match=rf"deepspeed {deepspeed.__version__}: private attribute "
                        r"deepspeed.ops.__compatible_ops__\['deepspeed_shm_comm'\] is missing"):
         skip_shm_build(deepspeed)
+
+
+def test_the_engine_config_turns_deepspeeds_step_timer_off(tmp_path):
+    """DeepSpeed's throughput timer synchronises the device twice per step unless the config turns
+    it off; the engine's config must, as DeepSpeed itself reads it."""
+    import deepspeed
+    from diti_fast.engine.distributed import deepspeed_config
+    cfg = tiny(tmp_path)
+    setup_distributed(cfg)
+    net = _Net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=deepspeed_config(cfg, 1))
+    timer = engine.tput_timer.config
+    assert (timer.enabled, timer.synchronized) == (False, False)
+    assert engine.wall_clock_breakdown() is False

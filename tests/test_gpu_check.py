@@ -1,8 +1,9 @@
 """benchmarks/gpu_check.py and benchmarks/plot_results.py on a CPU machine.
 
-The device run itself needs a GPU; what CI can check is that the prepared script starts in a
-checkout that is not installed (dry run: plan + environment check, diti_fast.kernels through the
-generated shim), and that results JSON turns into figures and a table with the same numbers.
+The device run itself needs a GPU; what CI checks: the dry run (plan within the window, wheel
+preflight, device call) in a checkout that is not installed; the CPU rehearsal of every phase in
+order; a run cut short keeps what finished and names what did not; the harness's fairness switches;
+and that results JSON turns into figures and a table with the same numbers.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # gpucheck/ is a folder of plain modules beside the scripts
-from gpucheck import children, kernel_tests, results, settings  # noqa: E402
+from gpucheck import children, kernel_tests, results, runs, settings, sweep, wheels  # noqa: E402
 
 
 def _load(name: str):
@@ -31,6 +34,7 @@ def _load(name: str):
 
 
 pr = _load("plot_results")
+gc = _load("gpu_check")
 
 
 def _fresh_copy(dst: Path) -> Path:
@@ -46,26 +50,277 @@ def _fresh_copy(dst: Path) -> Path:
     return dst
 
 
-def test_dry_run_in_an_uninstalled_copy_prints_the_plan_and_the_environment(tmp_path):
+def test_dry_run_in_an_uninstalled_copy_prints_the_plan_the_preflight_and_the_device_call(tmp_path):
     copy = _fresh_copy(tmp_path / "repo")
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH", "GPU_CHECK_T0")}
     run = subprocess.run([sys.executable, str(copy / "benchmarks" / "gpu_check.py"), "--dry-run"], cwd=copy,
                          env=env, capture_output=True, text=True, timeout=240)
     out = run.stdout
-    assert run.returncode == 0, out + run.stderr
-    # the plan: every phase, its output file and the engine's two configurations
-    for phase, fname in settings.OUTPUTS.items():
-        assert fname in out, fname
-    assert "configs/celeba64_original.yaml" in out and "configs/celeba64.yaml" in out and "run.precision=fp32" in out
-    assert f"{settings.ENGINE_STEPS} steps" in out and "summary.md" in out
-    # the environment check: versions, CUDA, packages, and the code under test from the copy. The
-    # venv's editable install maps diti_fast.kernels to the original checkout; only the shim can
-    # make it resolve inside the copy.
+    # The copy has no .whl/: the preflight fails (exit 3) and names every wheel it lacks.
+    assert run.returncode == 3, out + run.stderr
+    # the plan: every default phase in run order, each with its budget and output file
+    lines = [ln.split() for ln in out.splitlines() if ln.strip()[:3] in {f"{i}. " for i in range(1, 10)}]
+    assert [ln[1] for ln in lines] == list(settings.PHASE_BUDGETS)
+    assert [ln[2] for ln in lines] == [str(v) for v in settings.PHASE_BUDGETS.values()]
+    assert [ln[5] for ln in lines] == [settings.OUTPUTS[p] for p in settings.PHASE_BUDGETS]
+    assert sum(settings.PHASE_BUDGETS.values()) <= 420
+    assert f"total {sum(settings.PHASE_BUDGETS.values())} s of a 420 s window" in out
+    assert "kernel_timing.py is not in this checkout" in out
+    # the wheel preflight: each distribution the GPU machine lacks, missing here
+    assert "PROBLEM: 9 of 9 wheels missing or unusable" in out
+    for dist in settings.DEVICE_WHEELS:
+        assert any(ln.strip().startswith(dist + " ") and "no wheel in" in ln for ln in out.splitlines()), dist
+    # the device call
+    assert "  command:   PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh\n" in out
+    assert '  carry:     [".whl"]\n' in out and "  timeout_s: 420\n" in out
+    # the environment check: the code under test from the copy. The venv's editable install maps
+    # diti_fast.kernels to the original checkout; only the shim can make it resolve in the copy.
     assert "CUDA available:" in out and "packages found:" in out and "packages missing:" in out
     assert f"import diti_fast.kernels: {copy / 'kernels' / '__init__.py'} [this checkout]" in out
     assert f"import diti_fast: {copy / 'diti_fast' / '__init__.py'} [this checkout]" in out
-    assert "phase engine:" in out
     assert not (copy / "benchmarks" / "results").exists()  # a dry run writes nothing
+
+
+def test_a_plan_over_the_window_is_refused_before_anything_runs(capsys):
+    args = gc.build_parser().parse_args([])
+    assert sum(gc.phase_budgets(args).values()) == sum(settings.PHASE_BUDGETS.values())
+    scaled = gc.phase_budgets(gc.build_parser().parse_args(["--budget", "200"]))
+    assert sum(scaled.values()) == pytest.approx(200)
+    assert scaled["sweep"] == pytest.approx(settings.PHASE_BUDGETS["sweep"] * 200 / sum(settings.PHASE_BUDGETS.values()))
+    for argv in (["--budget", "421"], ["--phase-budget", "sweep=160"], ["--window", "399"]):
+        assert gc.main(["--dry-run", "--no-wheel-check", *argv]) == 2, argv
+        assert "more than the" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a number"):
+        gc.phase_budgets(gc.build_parser().parse_args(["--phase-budget", "sweep=x"]))
+    with pytest.raises(SystemExit, match="PHASE=SECONDS"):
+        gc.phase_budgets(gc.build_parser().parse_args(["--phase-budget", "nosuch=3"]))
+    call = gc.device_call(gc.build_parser().parse_args(["--budget", "300"]))
+    assert call == {"command": "PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh --budget 300", "carry": [".whl"],
+                    "timeout_s": 420}
+
+
+# ------------------------------------------------------------------------------ wheel preflight
+
+def _wheel(folder: Path, filename: str, module: str, requires: tuple[str, ...] = (), body: str = "X = 1\n") -> Path:
+    """A minimal wheel archive: the module and a METADATA with Requires-Dist lines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name, version = filename.split("-")[:2]
+    path = folder / filename
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{module}/__init__.py", body)
+        meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+        meta += [f"Requires-Dist: {r}" for r in requires]
+        zf.writestr(f"{name}-{version}.dist-info/METADATA", "\n".join(meta) + "\n")
+    return path
+
+
+def _check(folder: Path, needed: dict) -> dict:
+    # The current interpreter stands in for the device's Python: pure-Python wheels fit both, and
+    # the import check then really runs.
+    return {c["dist"]: c for c in wheels.check_wheels(folder, needed=needed, py=sys.version_info[:2])["checks"]}
+
+
+def test_preflight_passes_a_pure_python_wheel_and_refuses_a_cp311_only_one(tmp_path):
+    _wheel(tmp_path, "goodpkg-1.0-py3-none-any.whl", "goodpkg", requires=("helperpkg>=2", "numpy"))
+    _wheel(tmp_path, "helperpkg-2.1-py3-none-any.whl", "helperpkg")
+    _wheel(tmp_path, "oldpkg-1.0-cp311-cp311-manylinux2014_x86_64.whl", "oldpkg")
+    res = wheels.check_wheels(tmp_path, needed={"goodpkg": "goodpkg", "helperpkg": "helperpkg", "oldpkg": "oldpkg"},
+                              py=(3, 12), import_check=False)
+    by = {c["dist"]: c for c in res["checks"]}
+    assert by["goodpkg"]["ok"] and by["helperpkg"]["ok"]          # numpy: the machine's image has it
+    assert not by["oldpkg"]["ok"] and "cp311 is not for cp312" in by["oldpkg"]["problems"][0]
+    assert res["ok"] is False and "oldpkg" in res["summary"]
+    ok = _check(tmp_path, {"goodpkg": "goodpkg", "helperpkg": "helperpkg"})
+    assert ok["goodpkg"]["imported"].startswith("ok") and ok["helperpkg"]["imported"].startswith("ok")
+
+
+def test_preflight_names_missing_duplicate_unmet_and_broken_wheels(tmp_path):
+    _wheel(tmp_path, "twice-1.0-py3-none-any.whl", "twice")
+    _wheel(tmp_path, "twice-1.1-py3-none-any.whl", "twice")
+    _wheel(tmp_path, "needy-1.0-py3-none-any.whl", "needy", requires=("helper>=3", "nowhere-dist"))
+    _wheel(tmp_path, "helper-2.0-py3-none-any.whl", "helper")
+    _wheel(tmp_path, "broken-1.0-py3-none-any.whl", "broken", body="raise RuntimeError('cannot import me')\n")
+    _wheel(tmp_path, "wrongmod-1.0-py3-none-any.whl", "othername")
+    _wheel(tmp_path, "winonly-1.0-py3-none-win_amd64.whl", "winonly")
+    by = _check(tmp_path, {"absent": "absent", "twice": "twice", "needy": "needy", "helper": "helper",
+                           "broken": "broken", "wrongmod": "wrongmod", "winonly": "winonly"})
+    assert "no wheel in" in by["absent"]["problems"][0]
+    assert "several wheels" in by["twice"]["problems"][0]
+    unmet = by["needy"]["problems"][0]
+    assert "helper>=3 (the wheel is 2.0)" in unmet and "nowhere-dist (no wheel" in unmet
+    assert by["helper"]["ok"]
+    assert "cannot import me" in by["broken"]["problems"][0] and by["broken"]["imported"].startswith("FAILED")
+    assert by["wrongmod"]["problems"] == ["holds no module wrongmod"]
+    assert "not x86-64 Linux" in by["winonly"]["problems"][0]
+
+
+def test_wheel_tags_for_the_device_python():
+    fits = lambda name: wheels.tags_fit(wheels.parse_wheel_name(name), (3, 12))[0]  # noqa: E731
+    assert fits("a-1-py3-none-any.whl") and fits("a-1-py2.py3-none-any.whl")
+    assert fits("a-1-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl")
+    assert fits("a-1-cp38-abi3-manylinux_2_28_x86_64.whl")
+    assert not fits("a-1-cp311-cp311-manylinux2014_x86_64.whl")
+    assert not fits("a-1-cp313-cp313-manylinux2014_x86_64.whl")
+    assert not fits("a-1-cp312-cp312-manylinux2014_aarch64.whl")
+    assert not fits("a-1-cp312-cp312-macosx_11_0_arm64.whl")
+
+
+# ------------------------------------------------------------------------------ the CPU rehearsal
+
+def _rehearsal_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH", "GPU_CHECK_T0")}
+    env.pop("TRITON_INTERPRET", None)  # the script sets what its children need
+    return env
+
+
+def _start_lines(stdout: str) -> list[str]:
+    return [ln.split()[1].rstrip(":") for ln in stdout.splitlines()
+            if ln.startswith("[gpu_check] ") and ln.split()[2:3] == ["start"]]
+
+
+def _summary_phases(summary: str) -> dict[str, list[str]]:
+    rows = {}
+    for ln in summary.split("## Phases", 1)[1].split("## Goals", 1)[0].splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] not in ("phase", "---"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_cpu_rehearsal_runs_every_phase_in_order_and_each_writes_its_json(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--allow-cpu", "--tiny",
+                          "--out", str(out)], cwd=REPO, env=_rehearsal_env(), capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert _start_lines(run.stdout) == list(settings.PHASE_BUDGETS)[1:]
+    kernels_present = (REPO / settings.KERNEL_TIMING_SCRIPT).is_file()
+    for phase, fname in settings.OUTPUTS.items():
+        if phase == "bench" or (phase == "kernels" and not kernels_present):
+            continue
+        data = json.loads((out / fname).read_text())
+        assert data.get("rehearsal") is True, phase
+    kt = json.loads((out / "env.json").read_text())["kernel_tests"]
+    assert kt["status"] == "ok" and kt["collected_only"] is True and kt["files"]
+    assert len(list(out.iterdir())) <= settings.MAX_FILES  # what a device run brings back
+    table = _summary_phases((out / "summary.md").read_text())
+    assert list(table) == list(settings.PHASE_BUDGETS)
+    for phase, cells in table.items():
+        want = "skipped" if phase == "kernels" and not kernels_present else "ok"
+        assert cells[1] == want, cells
+    if not kernels_present:
+        assert "script missing: benchmarks/kernel_timing.py" in table["kernels"][5]
+    assert "CPU rehearsal: nothing here is a GPU figure" in (out / "summary.md").read_text()
+    sw = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in sw["runs"]] == sw["planned"] == [r["name"] for r in sweep.sweep_plan(tiny=True)]
+    for r in sw["runs"]:   # every row timed over its second log interval only
+        assert r["status"] == "ok" and r["timed_steps"] == settings.TINY["sweep_steps"] and r["images_per_s"] > 0
+    assert sw["flops_per_image"] > 0
+    eng = json.loads((out / "engine.json").read_text())
+    assert set(eng["runs"]) == {"original", "fast"} and all(r["status"] == "ok" for r in eng["runs"].values())
+    assert eng["comparison"]["loss_curves_match"] is not None
+    comp = json.loads((out / "compile.json").read_text())
+    assert comp["dynamo_disabled"] is True and comp["runs"][0]["status"] == "ok"
+    assert json.loads((out / "env.json").read_text())["rehearsal"] is True
+    assert not list(out.glob("*.part"))
+
+
+def test_a_cut_window_keeps_the_finished_phases_and_names_what_is_missing(tmp_path):
+    """sweep is killed by its limit; the run is then ended (SIGTERM, as the device tool's timeout
+    does) while engine runs: what finished stays, and summary.md names the rest. (Phase kernels is
+    left out to keep the test short; the rehearsal above runs it.)"""
+    out = tmp_path / "out"
+    phases = ["ceilings", "sweep", "kernel_tests", "engine", "compile"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--allow-cpu", "--tiny",
+                             "--out", str(out), "--phase-limit", "sweep=2", "--phases", *phases], cwd=REPO,
+                            env=_rehearsal_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[gpu_check] engine: start"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    seen.append(rest)
+    log = "".join(seen)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
+    for fname in ("env.json", "ceilings.json"):
+        assert json.loads((out / fname).read_text()), fname
+    assert json.loads((out / "env.json").read_text())["kernel_tests"]["status"] == "ok"
+    summary = (out / "summary.md").read_text()
+    table = _summary_phases(summary)
+    assert list(table) == ["env", *phases]
+    # killed by its limit, or (on a fast machine) stopped by the worker itself before its first row
+    assert table["sweep"][1] == "timeout" and "by its time limit" in table["sweep"][5], (table["sweep"], log)
+    assert table["engine"][1] == "cut" and table["engine"][4] == "missing"
+    assert table["compile"][1] == "not reached" and table["compile"][4] == "missing"
+    assert table["ceilings"][1] == "ok" and table["kernel_tests"][1] == "ok"
+    assert "Killed by their limit: sweep." in summary and "Cut or not reached: engine, compile." in summary
+    missing = summary.split("Results missing:", 1)[1].split(".")[0]
+    assert "engine" in missing and "compile" in missing and "ceilings" not in missing
+
+
+# ------------------------------------------------------------------------------ fair runs
+
+def test_sweep_rows_come_most_valuable_first_and_cover_every_switch():
+    plan = sweep.sweep_plan()
+    assert [r["name"] for r in plan[:4]] == ["b16-nhwc-graph-fused", "b16-original", "b128-nhwc-graph-fused",
+                                             "b128-original"]
+    grid = [(r["batch"], r["channels_last"], r["cuda_graph"], r["fused"]) for r in plan if not r["original"]]
+    assert sorted(grid) == sorted((b, cl, g, f) for b in (16, 128) for cl in (True, False)
+                                  for g in (True, False) for f in (True, False))
+    assert len(plan) == 18 and [r["batch"] for r in plan[4:]] == [16] * 7 + [128] * 7
+    original = plan[1]
+    assert original["config"] == settings.ENGINE_ORIGINAL_CONFIG
+    for key_value in ("run.precision=fp32", "fast.channels_last=false", "fast.attention=math",
+                      "fast.fused_norm=false", "fast.fused_loss=false", "fast.cuda_graph=false", "fast.compile=false"):
+        assert key_value in original["overrides"], key_value
+    for r in plan:
+        assert "fast.compile=false" in r["overrides"]     # no torch.compile in the sweep
+    row = next(r for r in plan if r["name"] == "b128-nchw-eager-unfused")
+    assert {"fast.channels_last=false", "fast.cuda_graph=false", "fast.fused_norm=false",
+            "fast.fused_loss=false"} <= set(row["overrides"])
+
+
+def test_the_timed_interval_is_the_one_after_the_warm_up():
+    row = {"batch": 16, "records": [{"step": 20, "images": 320, "images_per_s": 100.0},
+                                    {"step": 40, "images": 640, "images_per_s": 400.0, "peak_memory_bytes": 7}]}
+    t = runs.timed_interval(row, 20)
+    assert t["images_per_s"] == 400.0 and t["step_s"] == pytest.approx(16 / 400) and t["timed_steps"] == 20
+    assert runs.timed_interval(dict(row, records=row["records"][:1]), 20) == {}   # cut before the timed end
+
+
+def test_on_a_gpu_the_cpu_engine_tests_are_skipped_but_their_gpu_tests_run(monkeypatch):
+    import conftest
+    monkeypatch.setattr(conftest.torch.cuda, "is_available", lambda: True)
+
+    class Item:
+        def __init__(self, path, reason=None):
+            self.path, self.markers, self.added = REPO / "tests" / path, [], []
+            if reason:
+                self.markers.append(pytest.mark.skipif(False, reason=reason).mark)
+
+        def iter_markers(self, name):
+            return [m for m in self.markers if m.name == name]
+
+        def add_marker(self, m):
+            self.added.append(m)
+
+    items = [Item("test_train_engine.py"), Item("test_graph_step.py"),
+             Item("test_graph_step.py", reason="needs CUDA (run by benchmarks/gpu_check.sh)"),
+             Item("test_fused_norm.py"), Item("test_attention.py")]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [bool(i.added) for i in items] == [True, True, False, False, False]
+    assert "CPU engine test" in items[0].added[0].kwargs["reason"]
+    monkeypatch.setattr(conftest.torch.cuda, "is_available", lambda: False)
+    fresh = [Item("test_train_engine.py")]
+    conftest.pytest_collection_modifyitems(None, fresh)
+    assert not fresh[0].added
 
 
 def test_the_shim_maps_kernels_and_chains_to_a_shadowed_sitecustomize(tmp_path):
@@ -151,10 +406,15 @@ def _write_results(d: Path) -> dict:
     eng["comparison"] = results.compare_runs(eng["runs"]["fast"], eng["runs"]["original"], 200)
     eng["comparison_fp32"] = results.compare_runs(eng["runs"]["fast_fp32"], eng["runs"]["original"], 200)
     fpi = 91.3e9
-    sweep = {"flops_per_image": fpi, "runs": [
-        {"batch": 16, "channels_last": False, "cuda_graph": False, "images_per_s": 1000.0},
-        {"batch": 16, "channels_last": True, "cuda_graph": True, "images_per_s": 2500.0},
-        {"batch": 32, "channels_last": True, "cuda_graph": True, "error": "OutOfMemoryError: boom"}]}
+    sweep = {"flops_per_image": fpi, "config": "configs/celeba64.yaml", "runs": [
+        {"batch": 16, "channels_last": True, "cuda_graph": True, "fused": True, "original": False,
+         "status": "ok", "images_per_s": 2500.0},
+        {"batch": 16, "channels_last": False, "cuda_graph": False, "fused": False, "original": True,
+         "status": "ok", "images_per_s": 500.0},
+        {"batch": 16, "channels_last": False, "cuda_graph": False, "fused": True, "original": False,
+         "status": "ok", "images_per_s": 1000.0},
+        {"batch": 128, "channels_last": True, "cuda_graph": True, "fused": True, "original": False,
+         "status": "failed", "error": "OutOfMemoryError: boom"}]}
     for name, obj in (("env", env), ("ceilings", ceil), ("kernel_tests", kt), ("bench_kernels", bench),
                       ("engine", eng), ("sweep", sweep)):
         (d / f"{name}.json").write_text(json.dumps(obj))
@@ -171,6 +431,7 @@ def _write_results(d: Path) -> dict:
         "engine_fp32": f"{691.2 / 345.6:.2f}× (691.2 vs 345.6 img/s)",
         "sweep_16": f"2,500.0 img/s, MFU {100 * 2500 * fpi / 785.25e12:.1f}%",
         "sweep_gain": f"{2500 / 1000:.2f}×", "gflop": "91.3 GFLOP",
+        "sweep_vs_original": f"{2500 / 500:.2f}× (2,500.0 vs 500.0 img/s)",
     }
 
 
@@ -223,6 +484,10 @@ def test_plots_and_table_from_a_results_directory(tmp_path):
     assert cell("Engine", "images/s, fp32 preset vs original config (both fp32)") == want["engine_fp32"]
     assert cell("Sweep", "model FLOPs per image") == want["gflop"]
     assert cell("Sweep", "CUDA graph + channels_last over eager NCHW") == want["sweep_gain"]
+    assert cell("Sweep", "preset step over the original config's step") == want["sweep_vs_original"]
+    assert rows[("Sweep", "preset step over the original config's step")][4:] == ["≥ 3.00×", "yes"]
+    orig = [ln for ln in text.splitlines() if ln.startswith("| Sweep | batch 16/GPU, original config")]
+    assert len(orig) == 1 and "500.0 img/s" in orig[0] and "MFU" not in orig[0]  # fp32: no bf16 MFU
     sweep_cells = [ln for ln in text.splitlines() if ln.startswith("| Sweep | batch 16/GPU, channels_last, CUDA graph")]
     assert len(sweep_cells) == 1 and want["sweep_16"] in sweep_cells[0]
     assert any("failed: OutOfMemoryError" in ln for ln in text.splitlines())
@@ -251,7 +516,7 @@ def test_plots_and_table_from_a_results_directory(tmp_path):
     assert goal_met("Engine", eng, "images/s, preset vs original config") == ("≥ 3.00×", "yes")  # 3.57
     assert goal_met("Engine", eng, "loss, steps 101-200 (mean)") == ("≤ 5.0% apart", "yes")       # 1 %
     # MFU of the best configuration: 2,500 img/s x 91.3 GFLOP / 785.25 TFLOP/s = 29.1 % < 35 %
-    assert goal_met("Sweep", "batch 16/GPU, channels_last, CUDA graph", "images/s, MFU vs bf16 matmul") == (
+    assert goal_met("Sweep", "batch 16/GPU, channels_last, CUDA graph, fused", "images/s, MFU vs bf16 matmul") == (
         "MFU ≥ 35.0%", "**no**")
     # rerunning rewrites the block in place
     assert pr.main(["--results-root", str(tmp_path / "results"), "--doc", str(doc), "--no-figures"]) == 0
@@ -288,7 +553,7 @@ def test_engine_throughput_excludes_the_compile_interval_and_loss_curves_are_com
         secs = 60.0 if i == 0 else 1.0
         recs.append({"step": s, "images": s * 128, "images_per_s": 1280 / secs, "loss": 0.3,
                      "peak_memory_bytes": 1000 + s})
-    summ = results.summarise_run(recs)
+    summ = results.summarise_run(recs, warmup_steps=50)
     assert summ["steps_done"] == 200 and summ["steady_from_step"] == 50
     assert summ["images_per_s_steady"] == pytest.approx(1280.0)
     assert summ["first_interval_s"] == pytest.approx(60.0)
@@ -313,5 +578,5 @@ def test_killed_pytest_output_is_still_counted():
 def test_on_a_gpu_every_goal_without_a_measurement_is_a_failed_row():
     rows = results.goal_rows({"env": {"cuda": True}})
     missing = {r["area"]: r for r in rows}
-    assert set(missing) == {"Kernel tests", "GroupNorm", "DiTi loss", "Attention", "Engine"}
+    assert set(missing) == {"Kernel tests", "GroupNorm", "DiTi loss", "Attention", "Sweep", "Engine"}
     assert all(r["met"] is False and r["measured"].startswith("not measured") for r in rows)

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from gpucheck.children import run_child
-from gpucheck.settings import REPO
+from gpucheck.settings import REPO, TINY
 
-def worker_ceilings(out: Path) -> None:
+def worker_ceilings(out: Path, tiny: bool = False) -> None:
     """Copy bandwidth (the roofline of memory-bound kernels) and matmul rates (of the engine)."""
     import torch
     res: dict = {}
@@ -25,7 +25,8 @@ def worker_ceilings(out: Path) -> None:
         dev, n, reps = "cuda", 8192, 10
     else:  # --allow-cpu: the same quantities for this CPU, small sizes
         res["device"] = "cpu"
-        src = torch.empty(1 << 28, dtype=torch.uint8)
+        res["rehearsal"] = True
+        src = torch.empty(TINY["ceiling_copy_bytes"] if tiny else 1 << 28, dtype=torch.uint8)
         dst = torch.empty_like(src)
         dst.copy_(src)
         times = []
@@ -34,8 +35,9 @@ def worker_ceilings(out: Path) -> None:
             dst.copy_(src)
             times.append(time.perf_counter() - t0)
         res["copy_GBps"] = 2 * src.numel() / sorted(times)[2] / 1e9
-        res["copy_method"] = "median of 5 dst.copy_(src), 256 MiB uint8, read+write bytes, host clock"
-        dev, n, reps = "cpu", 1024, 3
+        res["copy_method"] = (f"median of 5 dst.copy_(src), {src.numel() >> 20} MiB uint8, read+write bytes, "
+                              "host clock")
+        dev, n, reps = "cpu", TINY["ceiling_matmul_n"] if tiny else 1024, 3
     mm = {}
     for label, dtype, tf32 in (("bf16", torch.bfloat16, False), ("tf32", torch.float32, True),
                                ("fp32", torch.float32, False)):
@@ -76,6 +78,7 @@ def worker_ceilings(out: Path) -> None:
 def run_phase(ctx) -> None:
     """Parent side: run the worker in a child with the phase's limit."""
     limit = ctx.limit("ceilings")
-    res = run_child(ctx.worker_cmd("ceilings", "--worker-out", str(ctx.out / "ceilings.json")),
+    res = run_child(ctx.worker_cmd("ceilings", "--worker-out", str(ctx.out / "ceilings.json"),
+                                   *(["--tiny"] if ctx.args.tiny else [])),
                     ctx.log("ceilings"), limit, ctx.env())
     ctx.record("ceilings", res, limit)

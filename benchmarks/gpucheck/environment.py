@@ -109,11 +109,13 @@ def device_slug(env: dict | None) -> str:
 
 
 def missing_for(env: dict, phase: str) -> list[str]:
+    """What ``phase`` needs that this environment lacks (packages, a failing import, files)."""
     pk = env.get("packages", {})
     miss = [m for m in PHASE_NEEDS.get(phase, []) if not pk.get(m, {}).get("found")]
     imp = env.get("import_checks") or {}
-    if phase == "engine":
-        miss += [m for m in ("deepspeed", "webdataset") if m in imp and not imp[m]["ok"] and m not in miss]
+    if phase in ("sweep", "engine", "compile"):
+        if "deepspeed" in imp and not imp["deepspeed"]["ok"] and "deepspeed" not in miss:
+            miss.append("deepspeed (import fails)")
         miss += [f"file {f}" for f in ("diti_fast/train.py", ENGINE_FAST_CONFIG, ENGINE_ORIGINAL_CONFIG)
                  if not env.get("files", {}).get(f)]
     if phase == "bench" and "pytest_benchmark" in imp and not imp["pytest_benchmark"]["ok"]:
@@ -154,5 +156,6 @@ def env_report_lines(env: dict, allow_cpu: bool) -> tuple[list[str], list[str]]:
             state += "; no CUDA here" + (" (runs on CPU: --allow-cpu)" if allow_cpu else " (skipped)")
         lines.append(f"phase {phase}: {state}")
     if not env.get("cuda") and not allow_cpu:
-        problems.append("no CUDA device: a real run would skip phases 2-6 (use --allow-cpu to run them on CPU)")
+        problems.append("no CUDA device: a real run here would skip every phase after env (--allow-cpu runs them "
+                        "on the CPU)")
     return lines, problems

@@ -157,7 +157,8 @@ def goal_rows(results: dict) -> list[dict]:
     runs = eng.get("runs") or {}
     f, o = runs.get("fast") or {}, runs.get("original") or {}
     cmp_ = eng.get("comparison") or {}
-    label = f"celeba64, {eng.get('steps', '?')} steps, batch {eng.get('batch', '?')}"
+    net = Path(str((runs.get("fast") or runs.get("original") or {}).get("config") or "celeba64")).stem
+    label = f"{net}, {eng.get('steps', '?')} steps, batch {eng.get('batch', '?')}"
     if f.get("images_per_s_steady") and o.get("images_per_s_steady"):
         sp = f["images_per_s_steady"] / o["images_per_s_steady"]
         steps = eng.get("steps")
@@ -190,9 +191,11 @@ def goal_rows(results: dict) -> list[dict]:
                          f"not measured (fp32 preset: {f32.get('status', 'absent')})"))
     rows += _loss_row(label, "loss, fp32 preset", eng.get("comparison_fp32") or {})
     if f.get("first_interval_s") and o.get("first_interval_s"):
-        rows.append(_row("Engine", label, f"first {f.get('first_interval_steps')} steps incl. compilation",
+        rows.append(_row("Engine", label, f"first {f.get('first_interval_steps')} steps incl. start-up",
                          f"{f['first_interval_s']:.1f} s vs {o['first_interval_s']:.1f} s"))
     rows += sweep_rows(results.get("sweep"), ceil)
+    rows += kernel_timing_rows(results.get("kernels"))
+    rows += compile_rows(results.get("compile"))
     if on_gpu:
         # A goal whose measurement is missing (phase skipped, failed or cut short) is a row too.
         wanted = [("Kernel tests", "passed / failed / skipped", "all pass"),
@@ -200,6 +203,8 @@ def goal_rows(results: dict) -> list[dict]:
                    f"≥ {fmt_pct(GOALS['gn_frac_copy'])}, ≥ {fmt_x(GOALS['gn_vs_eager'])}, ≥ {fmt_x(GOALS['gn_vs_compile'])}"),
                   ("DiTi loss", "speed-up over compile", f"≥ {fmt_x(GOALS['loss_vs_compile'])}"),
                   ("Attention", "sdpa over math at 16x16", f"≥ {fmt_x(GOALS['attn_sdpa_vs_math'])}"),
+                  ("Sweep", "preset step over the original config's step, MFU",
+                   f"≥ {fmt_x(GOALS['engine_speedup'])}, MFU ≥ {fmt_pct(GOALS['engine_mfu'])}"),
                   ("Engine", "images/s, preset vs original config", f"≥ {fmt_x(GOALS['engine_speedup'])}")]
         for area, metric, goal in wanted:
             if not any(r["area"] == area and r["met"] is not None for r in rows):
@@ -219,9 +224,17 @@ def _loss_row(label: str, what: str, cmp_: dict) -> list[dict]:
                  cmp_["loss_curves_match"])]
 
 
+def _sweep_case(r: dict) -> str:
+    if r.get("original"):
+        return f"batch {r['batch']}/GPU, original config (fp32, NCHW, math attention, unfused, eager)"
+    return (f"batch {r['batch']}/GPU, {'channels_last' if r.get('channels_last') else 'NCHW'}, "
+            f"{'CUDA graph' if r.get('cuda_graph') else 'eager'}, {'fused' if r.get('fused', True) else 'unfused'}")
+
+
 def sweep_rows(sweep: dict | None, ceil: dict) -> list[dict]:
-    """Per-GPU batch sweep: images/s per configuration, the CUDA graph's and channels_last's gain,
-    and the MFU (model FLOPs per image × images/s over the measured bf16 matmul rate)."""
+    """The step sweep: images/s per row, the MFU (model FLOPs per image × images/s over the
+    measured bf16 matmul rate) of the bf16 rows, the preset over the original's configuration and
+    the CUDA graph + channels_last over eager NCHW, per batch; failed or cut rows say so."""
     if not sweep or not sweep.get("runs"):
         return []
     rows = []
@@ -230,26 +243,77 @@ def sweep_rows(sweep: dict | None, ceil: dict) -> list[dict]:
     if fpi:
         name = Path(sweep.get("config") or "celeba64").stem
         rows.append(_row("Sweep", f"{name} DiTi step, fwd+bwd", "model FLOPs per image", f"{fpi / 1e9:.1f} GFLOP"))
-    by = {(r["batch"], r["channels_last"], r["cuda_graph"]): r for r in sweep["runs"] if r.get("images_per_s")}
-    for batch in sorted({r["batch"] for r in sweep["runs"]}):
-        base, best = by.get((batch, False, False)), by.get((batch, True, True))
-        for (cl, graph), r in sorted(((k[1], k[2]), v) for k, v in by.items() if k[0] == batch):
-            case = f"batch {batch}/GPU, {'channels_last' if cl else 'NCHW'}, {'CUDA graph' if graph else 'eager'}"
+    runs = sweep["runs"]
+    for batch in sorted({r["batch"] for r in runs}):
+        here = [r for r in runs if r["batch"] == batch]
+        timed = [r for r in here if r.get("images_per_s")]
+        preset = next((r for r in timed if not r.get("original") and r.get("channels_last") and r.get("cuda_graph")
+                       and r.get("fused", True)), None)
+        original = next((r for r in timed if r.get("original")), None)
+        eager_nchw = next((r for r in timed if not r.get("original") and not r.get("channels_last")
+                           and not r.get("cuda_graph") and r.get("fused", True)), None)
+        for r in timed:
             text = f"{fmt_num(r['images_per_s'])} img/s"
-            if fpi and peak:
-                mfu = r["images_per_s"] * fpi / (peak * 1e12)
+            mfu = r["images_per_s"] * fpi / (peak * 1e12) if fpi and peak and not r.get("original") else None
+            if mfu is not None:
                 text += f", MFU {fmt_pct(mfu)}"
-            rows.append(_row("Sweep", case, "images/s" + (", MFU vs bf16 matmul" if fpi and peak else ""), text,
-                             f"MFU ≥ {fmt_pct(GOALS['engine_mfu'])}" if graph and cl and fpi and peak else "",
-                             (r["images_per_s"] * fpi / (peak * 1e12) >= GOALS["engine_mfu"])
-                             if graph and cl and fpi and peak else None))
-        if base and best:
+            goal = r is preset and mfu is not None
+            rows.append(_row("Sweep", _sweep_case(r), "images/s" + (", MFU vs bf16 matmul" if mfu is not None else ""),
+                             text, f"MFU ≥ {fmt_pct(GOALS['engine_mfu'])}" if goal else "",
+                             mfu >= GOALS["engine_mfu"] if goal else None))
+        if preset and original:
+            sp = preset["images_per_s"] / original["images_per_s"]
+            rows.append(_row("Sweep", f"batch {batch}/GPU", "preset step over the original config's step",
+                             f"{fmt_x(sp)} ({fmt_num(preset['images_per_s'])} vs {fmt_num(original['images_per_s'])} img/s)",
+                             f"≥ {fmt_x(GOALS['engine_speedup'])}", sp >= GOALS["engine_speedup"]))
+        if preset and eager_nchw:
             rows.append(_row("Sweep", f"batch {batch}/GPU", "CUDA graph + channels_last over eager NCHW",
-                             fmt_x(best["images_per_s"] / base["images_per_s"])))
-        for r in sweep["runs"]:
-            if r["batch"] == batch and r.get("error"):
-                rows.append(_row("Sweep", f"batch {batch}/GPU, cl={r['channels_last']}, graph={r['cuda_graph']}",
-                                 "images/s", f"failed: {r['error'][:120]}", "", False))
+                             fmt_x(preset["images_per_s"] / eager_nchw["images_per_s"])))
+        for r in here:
+            if not r.get("images_per_s"):
+                why = r.get("error") or f"{r.get('status', '?')}, no timed interval"
+                rows.append(_row("Sweep", _sweep_case(r), "images/s", f"failed: {why[:120]}", "", False))
+    return rows
+
+
+def kernel_timing_rows(data) -> list[dict]:
+    """benchmarks/kernel_timing.py's JSON, informational rows: every timed entry that reports a
+    bandwidth (GB/s), with its fraction of the copy bandwidth and host overhead when present."""
+    if not isinstance(data, dict):
+        return []
+    entries = []
+    for v in data.values():
+        if isinstance(v, list):
+            entries += [e for e in v if isinstance(e, dict)]
+    rows = []
+    label_keys = ("kernel", "name", "op", "preset", "shape", "layout", "dtype", "direction", "pass", "mode")
+    for e in entries:
+        gb = next((e[k] for k in e if "gbps" in k.lower() and isinstance(e[k], (int, float))), None)
+        if gb is None:
+            continue
+        case = " ".join(str(e[k]) for k in label_keys if isinstance(e.get(k), (str, int)))
+        text = f"{fmt_num(gb, 0)} GB/s"
+        frac = next((e[k] for k in e if "copy" in k.lower() and "frac" in k.lower()
+                     and isinstance(e[k], (int, float))), None)
+        if frac is not None:
+            text += f" ({fmt_pct(frac)} of copy)"
+        host = next((e[k] for k in e if "host" in k.lower() and isinstance(e[k], (int, float))), None)
+        if host is not None:
+            text += f", host {host:g}"
+        rows.append(_row("Kernel timing", case or "?", "bandwidth (CUDA graph)", text))
+    return rows
+
+
+def compile_rows(data) -> list[dict]:
+    rows = []
+    for r in (data or {}).get("runs") or []:
+        case = f"{Path(str(data.get('config') or '?')).stem} + torch.compile, batch {r.get('batch')}"
+        first = r.get("first_interval_s")
+        text = (f"first {r.get('log_every')} steps {first:.1f} s (compilation included)" if first
+                else f"{r.get('status')}: no interval finished")
+        if r.get("images_per_s"):
+            text += f"; then {fmt_num(r['images_per_s'])} img/s"
+        rows.append(_row("Compile", case, "cold compile, steady images/s", text))
     return rows
 
 
@@ -265,9 +329,13 @@ def rows_to_markdown(rows: list[dict]) -> str:
 
 def load_results(directory: Path) -> dict:
     d = Path(directory)
-    return {"env": load_json(d / "env.json"), "ceilings": load_json(d / "ceilings.json"),
-            "kernel_tests": load_json(d / "kernel_tests.json"), "bench": load_json(d / "bench_kernels.json"),
-            "engine": load_json(d / "engine.json"), "sweep": load_json(d / "sweep.json")}
+    env = load_json(d / "env.json")
+    # gpu_check keeps the kernel tests' summary in env.json; a kernel_tests.json of its own wins.
+    kt = load_json(d / "kernel_tests.json") or (env or {}).get("kernel_tests")
+    return {"env": env, "ceilings": load_json(d / "ceilings.json"),
+            "kernel_tests": kt, "bench": load_json(d / "bench_kernels.json"),
+            "engine": load_json(d / "engine.json"), "sweep": load_json(d / "sweep.json"),
+            "kernels": load_json(d / "kernels.json"), "compile": load_json(d / "compile.json")}
 
 
 

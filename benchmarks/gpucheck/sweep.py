@@ -1,119 +1,129 @@
-"""Phase ``sweep``: where the step stops being launch-bound, per-GPU batch by batch.
+"""Phase ``sweep``: the training step at 16 and 128 images per GPU, switch by switch.
 
-The users' launch (8 GPUs, global batch 128) gives 16 images per GPU. This phase times the
-engine's own step (``Objective`` + ``engine/graph_step.GraphStep``: the celeba64 preset's DiTi
-model, bf16 autocast, fused kernels, sdpa; not torch.compile, whose minute of compilation per
-configuration the budget cannot pay) at per-GPU batches 16, 32, 64 and 128, with and without the
-CUDA graph and with and without channels_last, in one child process. The model FLOPs per image
-(forward + backward, counted once with torch's FlopCounterMode) turn images/s into TFLOP/s; the
-results analysis divides by the measured bf16 matmul rate (phase ceilings) for the MFU.
+Rows (each one ``train()`` run in this phase's single child process, see ``gpucheck/runs.py``):
+per-GPU batch 16 and 128 × {channels_last (NHWC), NCHW} × {CUDA graph, eager} × {fused kernels,
+unfused}, in the preset's precision (bf16 autocast on CUDA) with sdpa attention and no
+torch.compile, plus the original's configuration (fp32, NCHW, math attention, unfused, eager) in
+the same harness. The most valuable rows come first (the preset and the original at 16, then the
+pair at 128) and the JSON is rewritten after every row, so a phase cut short keeps them. The
+model FLOPs per image (forward + backward, torch's FlopCounterMode over one eager step) turn
+images/s into an MFU against the measured bf16 matmul rate (phase ceilings).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from gpucheck.children import run_child
+from gpucheck.children import ChildResult, run_child
 from gpucheck.results import load_json
-from gpucheck.settings import ENGINE_FAST_CONFIG, KILL_GRACE_S, SWEEP_BATCHES, SWEEP_STEPS
+from gpucheck.settings import (ENGINE_FAST_CONFIG, ENGINE_ORIGINAL_CONFIG, ORIGINAL_OVERRIDES,
+                               SWEEP_BATCHES, SWEEP_ROW_CAP_S, SWEEP_STEPS, TINY, TINY_CONFIG)
+
+_ON_OFF = {True: "true", False: "false"}
+# After the preset's configuration (NHWC, graph, fused): one switch off at a time, then two, then all.
+_REST = [(True, False, True), (False, True, True), (True, True, False), (False, False, True),
+         (True, False, False), (False, True, False), (False, False, False)]
 
 
-class _Batches:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next(self, micro_step):
-        return self.batch
-
-
-def _runner(cfg_path: str, batch: int, channels_last: bool, graph: bool, dev):
-    import torch
-    from diti_fast.engine.ema import EMA
-    from diti_fast.engine.graph_step import GraphStep, StepPlan
-    from diti_fast.engine.metrics import Meter
-    from diti_fast.engine.objective import Objective
-    from diti_fast.engine.config_files import load_config
-    cfg = load_config(cfg_path, ["data.source=fixed", f"data.batch_size={batch}", "fast.compile=false",
-                                 f"fast.channels_last={str(channels_last).lower()}", "deepspeed.grad_accum=1"])
-    torch.manual_seed(0)
-    obj = Objective(cfg, dev, autocast=dev.type == "cuda").to(dev).train()
-    obj.channels_last_weights()
-    trainable = obj.trainable()
-    opt = torch.optim.Adam([p for _, p in trainable], lr=1e-4, fused=True, capturable=graph)
-    ema, meter = EMA(trainable, cfg.ema.decay), Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, dev)
-    size = cfg.image_size()
-    data = _Batches(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=dev))
-    return GraphStep(StepPlan(True, graph, None), cfg, obj, opt, ema, meter, data, 0, 1, batch, dev, 0), obj
+def _grid_row(config: str, batch: int, cl: bool, graph: bool, fused: bool) -> dict:
+    name = f"b{batch}-{'nhwc' if cl else 'nchw'}-{'graph' if graph else 'eager'}-{'fused' if fused else 'unfused'}"
+    return {"name": name, "config": config, "batch": batch, "channels_last": cl, "cuda_graph": graph,
+            "fused": fused, "original": False, "precision": "preset (bf16 autocast on CUDA)",
+            "overrides": [f"fast.channels_last={_ON_OFF[cl]}", f"fast.cuda_graph={_ON_OFF[graph]}",
+                          f"fast.fused_norm={_ON_OFF[fused]}", f"fast.fused_loss={_ON_OFF[fused]}",
+                          "fast.attention=sdpa", "fast.compile=false"]}
 
 
-def _flops_per_image(cfg_path: str, dev, batch: int = 16) -> float:
-    import torch
+def _original_row(config: str, batch: int) -> dict:
+    return {"name": f"b{batch}-original", "config": config, "batch": batch, "channels_last": False,
+            "cuda_graph": False, "fused": False, "original": True, "precision": "fp32, math attention",
+            "overrides": list(ORIGINAL_OVERRIDES)}
+
+
+def sweep_plan(fast_config: str = ENGINE_FAST_CONFIG, original_config: str = ENGINE_ORIGINAL_CONFIG,
+               batches: tuple[int, ...] = SWEEP_BATCHES, tiny: bool = False) -> list[dict]:
+    """The rows in the order they run."""
+    if tiny:
+        # The rehearsal's rows run on a CPU, where the fused kernels are interpreted and
+        # channels_last convolutions are slow: the graph-safe step (uncaptured there) and the
+        # original's configuration.
+        b = TINY["sweep_batch"]
+        return [_grid_row(fast_config, b, False, True, False), _original_row(original_config, b)]
+    rows = []
+    for b in batches:        # the preset and the original first, at every batch
+        rows += [_grid_row(fast_config, b, True, True, True), _original_row(original_config, b)]
+    for b in batches:
+        rows += [_grid_row(fast_config, b, *sw) for sw in _REST]
+    return rows
+
+
+def _flops_per_image(tmp: Path, config: str, ddpm: Path, batch: int) -> float:
+    """Model FLOPs of one eager training step (forward + backward) per image."""
     from torch.utils.flop_counter import FlopCounterMode
-    runner, obj = _runner(cfg_path, batch, False, False, dev)
-    runner.step(0)
-    x = torch.rand(batch, 3, runner.raw[0].shape[-1], runner.raw[0].shape[-1], device=dev) * 2 - 1
+    from gpucheck.runs import train_run
     with FlopCounterMode(display=False) as fc:
-        out, _ = obj(x, torch.arange(batch, device=dev))
-        out.loss.backward()
+        row = train_run(tmp, "flops", config, ["fast.cuda_graph=false", "fast.compile=false"], batch, 1, 1, 600, ddpm)
+    if row["status"] != "ok":
+        raise RuntimeError(row.get("error") or row["status"])
     return fc.get_total_flops() / batch
 
 
-def worker_sweep(out: Path, deadline: float, cfg_path: str = ENGINE_FAST_CONFIG,
-                 batches: tuple[int, ...] = SWEEP_BATCHES) -> None:
-    """On a CPU (``--allow-cpu``, to test this script) only the uncaptured step runs."""
+def worker_sweep(out: Path, tmp: Path, deadline: float, fast_config: str, original_config: str, tiny: bool) -> None:
     import torch
+    from gpucheck.runs import Incremental, device_name, ensure_ddpm, timed_interval, train_run
     cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "config": cfg_path, "steps": SWEEP_STEPS,
-                    "what": "Objective + GraphStep (bf16 autocast, fused kernels, sdpa), no torch.compile",
-                    "runs": []}
-
-    def save():
-        out.write_text(json.dumps(result, indent=1))
-    result["flops_per_image"] = _flops_per_image(cfg_path, dev, min(16, batches[0]))
-    save()
-    for batch in batches:
-        for channels_last in (False, True):
-            for graph in ((False, True) if cuda else (False,)):
-                if time.time() > deadline - 15:
-                    result["stopped"] = f"phase limit reached before batch {batch}"
-                    save()
-                    return
-                row = {"batch": batch, "channels_last": channels_last, "cuda_graph": graph}
-                runner = None
-                try:
-                    runner, _ = _runner(cfg_path, batch, channels_last, graph, dev)
-                    for i in range(5):  # warm-up (3 eager), capture, first replay
-                        runner.step(i)
-                    sync()
-                    t0 = time.perf_counter()
-                    for i in range(SWEEP_STEPS):
-                        runner.step(5 + i)
-                    sync()
-                    dt = (time.perf_counter() - t0) / SWEEP_STEPS
-                    row.update(step_s=dt, images_per_s=batch / dt,
-                               peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None)
-                except Exception as e:  # noqa: BLE001 - one configuration's failure is a row, not the end
-                    row["error"] = f"{type(e).__name__}: {e}"[:300]
-                print(f"[sweep] {row}", flush=True)
-                result["runs"].append(row)
-                save()
-                del runner
-                if cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
+    if tiny:
+        fast_config = original_config = TINY_CONFIG
+    plan = sweep_plan(fast_config, original_config, tiny=tiny)
+    res = Incremental(out, {
+        "device": device_name(), "rehearsal": not cuda, "tiny": tiny, "config": fast_config,
+        "original_config": original_config,
+        "what": "train() per row: data.source=fixed (one uint8 batch on the device), warm-up interval then timed "
+                "interval (device synced at both ends only), DeepSpeed timers off, no torch.compile",
+        "planned": [r["name"] for r in plan], "runs": []})
+    ddpm = ensure_ddpm(tmp, fast_config)
+    if original_config != fast_config:
+        ensure_ddpm(tmp, original_config)  # the same network: the original reads the same file
+    for i, spec in enumerate(plan):
+        b = spec["batch"]
+        n = TINY["sweep_steps"] if tiny else SWEEP_STEPS[b]
+        cap = 600.0 if tiny else SWEEP_ROW_CAP_S[b]
+        if time.time() + 5 > deadline:
+            res.data["stopped"] = f"phase time spent before row {spec['name']}"
+            res.save()
+            break
+        row = train_run(tmp, spec["name"], spec["config"], spec["overrides"], b, 2 * n, n, cap, ddpm)
+        row.update({k: spec[k] for k in ("channels_last", "cuda_graph", "fused", "original", "precision")})
+        row["warmup_steps"] = n
+        row.update(timed_interval(row, n))
+        row.pop("records", None)
+        res.data["runs"].append(row)
+        res.save()
+        print(f"[sweep] {row['name']}: {row['status']}"
+              + (f", {row['images_per_s']:.1f} img/s" if row.get("images_per_s") else "")
+              + (f" ({row['error']})" if row.get("error") else ""), flush=True)
+        if i == (1 if tiny else 3) and "flops_per_image" not in res.data:
+            try:
+                res.data["flops_per_image"] = _flops_per_image(tmp, fast_config, ddpm, 2)
+            except Exception as e:  # noqa: BLE001
+                res.data["flops_error"] = f"{type(e).__name__}: {e}"[:300]
+            res.save()
 
 
 def run_phase(ctx) -> None:
     """Parent side: the sweep worker in one child with the phase's limit."""
     limit = ctx.limit("sweep")
-    cmd = ctx.worker_cmd("sweep", "--worker-out", str(ctx.out / "sweep.json"),
-                         "--deadline", str(time.time() + limit - KILL_GRACE_S - 2),
-                         "--engine-fast-config", ctx.args.engine_fast_config)
+    cmd = ctx.worker_cmd("sweep", "--worker-out", str(ctx.out / "sweep.json"), "--tmp", str(ctx.tmp / "work"),
+                         "--deadline", str(time.time() + limit),
+                         "--engine-fast-config", ctx.args.engine_fast_config,
+                         "--engine-original-config", ctx.args.engine_original_config,
+                         *(["--tiny"] if ctx.args.tiny else []))
     res = run_child(cmd, ctx.log("sweep"), limit, ctx.env())
     sw = load_json(ctx.out / "sweep.json") or {}
-    ctx.record("sweep", res, limit, configurations=len(sw.get("runs") or []))
+    runs = sw.get("runs") or []
+    extra = {}
+    if res.status == "ok" and sw.get("stopped"):   # the worker stopped itself at the phase's limit
+        res = ChildResult("timeout", res.returncode, res.wall_s)
+        extra["reason"] = f"stopped by its time limit: {sw['stopped']}"
+    ctx.record("sweep", res, limit, **extra, rows=f"{sum(bool(r.get('images_per_s')) for r in runs)} timed of "
+               f"{len(sw.get('planned') or [])} planned")

@@ -62,6 +62,9 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "steps_per_print": 2 ** 62,       # DeepSpeed's own log line reads the loss scale (a sync)
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at the start and end of every step;
+        # the engine measures images/s itself (metrics.jsonl), so it stays off.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         # Precision is handled by the engine: fp32 master weights and optimiser state, bf16 autocast
         # in the forward (DeepSpeed's bf16 mode would cast the frozen DDPM's weights to bf16 too).
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},

@@ -25,8 +25,8 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_NAME = "diti_reference_tiny.pt"
 # The golden tensors recorded from the original code ship with the repository (a clone needs
-# nothing beside it); the steering repo's shared copy, when present beside the checkout, wins,
-# so a newer recording there is what the tests check.
+# nothing beside it); a copy at ../shared/reference/ beside the checkout, when present, wins,
+# so a newer recording placed there is what the tests check.
 SHARED_FIXTURE = REPO.parent / "shared" / "reference" / FIXTURE_NAME
 SHIPPED_FIXTURE = REPO / "tests" / "fixtures" / "golden" / FIXTURE_NAME
 

@@ -77,7 +77,7 @@ def _res_of(shape: str) -> int | None:
 
 
 def goal_rows(results: dict) -> list[dict]:
-    """Every goal of the kernel, loss/attention and engine issues, measured or marked missing.
+    """Every performance goal (the table in docs/performance.md), measured or marked missing.
 
     ``results``: {"env", "ceilings", "kernel_tests", "bench", "engine"} as loaded from a results
     directory (any may be None). Rows whose goal needs data that is absent say so."""

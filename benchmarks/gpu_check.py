@@ -142,9 +142,6 @@ def plan_lines(args, out_desc: str) -> list[str]:
         lines.append(f"  {i}. {p:<13} {s:5.0f} s -> {OUTPUTS.get(p, '-'):<18} {WHAT[p]}")
     lines.append(f"  total {total:.0f} s of a {args.window:.0f} s window (counted from gpu_check.sh's start, the wheel "
                  f"install included); then summary.md and log.txt")
-    if not (REPO / KERNEL_TIMING_SCRIPT).is_file() and "kernels" in b:
-        lines.append(f"  note: {KERNEL_TIMING_SCRIPT} is not in this checkout: phase kernels will report "
-                     "'script missing' and pass its time on")
     return lines
 
 

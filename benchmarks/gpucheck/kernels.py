@@ -1,8 +1,7 @@
 """Phase ``kernels``: ``benchmarks/kernel_timing.py`` (the fused GroupNorm and loss kernels timed
 inside a CUDA graph at the presets' shapes, NCHW and NHWC, forward and backward, GB/s against the
 measured copy bandwidth, host overhead per call). The script writes its JSON as it goes, so a
-phase cut short keeps what it timed. Without CUDA it runs its ``--tiny`` CPU rehearsal. A
-checkout without the script skips the phase and says so."""
+phase cut short keeps what it timed. Without CUDA it runs its ``--tiny`` CPU rehearsal."""
 from __future__ import annotations
 
 import json
@@ -15,9 +14,6 @@ from gpucheck.settings import KERNEL_TIMING_SCRIPT, REPO
 
 def run_phase(ctx) -> None:
     script = REPO / KERNEL_TIMING_SCRIPT
-    if not script.is_file():
-        ctx.skip("kernels", f"script missing: {KERNEL_TIMING_SCRIPT}")
-        return
     limit = ctx.limit("kernels")
     out = ctx.out / "kernels.json"
     cuda = bool(ctx.env_info.get("cuda"))

@@ -23,13 +23,21 @@ import torch
 import torch.nn as nn
 
 
+def warmup_decay(decay, n):
+    """The decay of an EMA update after ``n`` earlier updates: min(decay, (1 + n) / (10 + n)), so
+    that early averages are not dominated by the initial weights. ``decay`` and ``n`` are both
+    Python numbers or both tensors."""
+    ramp = (1 + n) / (10 + n)
+    return torch.minimum(decay, ramp) if isinstance(ramp, torch.Tensor) else min(decay, ramp)
+
+
 def step_weight(steps_done: torch.Tensor, finite: torch.Tensor, decay: float, every: int, warmup: bool
                 ) -> torch.Tensor:
     """The EMA weight 1 − decay of the step being taken (float32, 0-dim, on ``steps_done``'s device).
 
     ``steps_done``: int64 count of optimiser steps before this one. The update happens on every
-    ``every``-th step; with ``warmup`` the decay is min(decay, (1 + n) / (10 + n)), n the updates
-    done before this one. ``finite`` False (a skipped step) or a step between updates gives 0. The
+    ``every``-th step; with ``warmup`` the decay is ``warmup_decay(decay, n)``, n the updates done
+    before this one. ``finite`` False (a skipped step) or a step between updates gives 0. The
     arithmetic is float64, as Python floats are, rounded once to float32 at the end: the same
     bits as ``finite * (1.0 - decay)`` with ``decay`` a Python float."""
     s = steps_done + 1                                   # the step being taken, 1-based
@@ -37,7 +45,7 @@ def step_weight(steps_done: torch.Tensor, finite: torch.Tensor, decay: float, ev
     d = torch.full((), decay, dtype=torch.float64, device=steps_done.device)
     if warmup:
         n = (s // every - 1).to(torch.float64)
-        d = torch.minimum(d, (1 + n) / (10 + n))
+        d = warmup_decay(d, n)
     return ((finite & due).to(torch.float64) * (1.0 - d)).to(torch.float32)
 
 

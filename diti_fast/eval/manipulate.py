@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.ema import warmup_decay
 from ..grids import save_grid
 from ..sampling import masked_ddim
 from .counterfactual import Sampler, _check_steps
@@ -192,7 +193,7 @@ def train_directions(u: np.ndarray, y: np.ndarray, mask: np.ndarray, cfg: ManipC
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            decay = min(cfg.ema_decay, (1 + n) / (10 + n))
+            decay = warmup_decay(cfg.ema_decay, n)
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), clf.parameters()):
                     pe.mul_(decay).add_(p, alpha=1 - decay)

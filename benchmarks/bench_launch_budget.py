@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from op_census import OpCensus  # noqa: E402
 
+from diti_fast.engine.distributed import Ranks  # noqa: E402
 from diti_fast.engine.ema import EMA  # noqa: E402
 from diti_fast.engine.graph_step import GraphStep, StepPlan  # noqa: E402
 from diti_fast.engine.metrics import Meter  # noqa: E402
@@ -96,7 +97,7 @@ def _step_runner(preset: str, fused: bool) -> tuple[GraphStep, Objective]:
     ema, meter = EMA(trainable, cfg.ema.decay), Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, dev)
     size = cfg.image_size()
     batch = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8)
-    return GraphStep(StepPlan(True, False, None), cfg, obj, opt, ema, meter, _Batches(batch), 0, 1, BATCH, dev, 0), obj
+    return GraphStep(StepPlan(True, False, None), cfg, obj, opt, ema, meter, _Batches(batch), Ranks(0, 1, dev, BATCH), 0), obj
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])

@@ -137,6 +137,7 @@ def worker_original(args, case: str, out: Path) -> None:
     from diti_fast.config import to_dict
     from diti_fast.data import to_model_input
     from diti_fast.engine import noise
+    from diti_fast.engine.distributed import Ranks
     from diti_fast.engine.microbatches import MicroBatches
     from diti_fast.engine.objective import Objective, load_frozen_ddpm
     from diti_fast.engine.config_files import load_config
@@ -167,7 +168,7 @@ def worker_original(args, case: str, out: Path) -> None:
     diffusion = GaussianDiffusion(to_dict(m.diffusion), device="cpu")
     tm = TimestepMasks.build(m.masks, u.latent_dim, m.diffusion.timesteps)
     tables = tm.tables()
-    data = MicroBatches(cfg, 0, 1, BATCH, args.image_size, None, torch.device("cpu"))
+    data = MicroBatches(cfg, Ranks(0, 1, torch.device("cpu"), BATCH), args.image_size, None)
     if case == "original":
         decoder.eval()  # what its first evaluation leaves behind; set_train_mode re-enables the shift branch
     torch.manual_seed(cfg.run.seed * 1_000_003)  # dropout, as the engine seeds it
@@ -176,7 +177,7 @@ def worker_original(args, case: str, out: Path) -> None:
     t0 = time.perf_counter()
     for step in range(args.steps):
         x0 = to_model_input(data.next(0), "cpu")
-        index = torch.arange(step * BATCH, (step + 1) * BATCH)
+        index = noise.first_index(step, BATCH, 0, 1, 0, BATCH) + torch.arange(BATCH)  # global sample indices
         t_draw, eps_draw = noise.draw(cfg.run.seed, index, tuple(x0.shape[1:]), T)
         encoder.train()
         decoder.set_train_mode()

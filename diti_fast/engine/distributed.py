@@ -3,12 +3,28 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from diti_fast.engine.elastic import internals_error
 from diti_fast.engine.run_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: rank, world size, device and micro-batch, one object for the
+    engine's helpers instead of four values."""
+    rank: int
+    world: int
+    device: torch.device
+    micro: int  # images per micro-batch on each rank
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that writes shared files and prints."""
+        return self.rank == 0
 
 
 def _free_port() -> int:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from diti_fast.engine.distributed import Ranks
 from diti_fast.engine.noise import first_index
 from diti_fast.engine.run_config import TrainConfig
-from diti_fast.engine.run_state import Ranks
 from diti_fast.engine.sample_log import SampleLog
 from diti_fast.engine.stopping import StopSignal, hold_for_signal
 from diti_fast.losses import LossOut

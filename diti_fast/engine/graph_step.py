@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
+from diti_fast.engine.distributed import Ranks
 from diti_fast.engine.faults import Faults
 from diti_fast.engine.run_config import TrainConfig
-from diti_fast.engine.run_state import Ranks
 from diti_fast.engine.step import GraphSafeDriver, StepBody
 
 WARMUP_STEPS = 3  # eager steps before capture: compile, cuDNN autotuning, allocator, lazy caches
@@ -91,13 +91,11 @@ class GraphStep:
     was finite" flag (a device tensor)."""
 
     def __init__(self, plan: StepPlan, cfg: TrainConfig, objective, opt: torch.optim.Optimizer, ema, meter, data,
-                 rank: int, world: int, micro: int, device: torch.device, start_step: int,
-                 faults: Faults | None = None):
+                 ranks: Ranks, start_step: int, faults: Faults | None = None):
         self.capture, self.cfg, self.objective, self.opt, self.data = plan.capture, cfg, objective, opt, data
-        self.accum, self.device = cfg.deepspeed.grad_accum, device
-        ranks = Ranks(rank, world, device, micro)
+        self.accum, self.device = cfg.deepspeed.grad_accum, ranks.device
         self.faults = faults if faults is not None else Faults(cfg, ranks)
-        driver = GraphSafeDriver(objective, opt, self.accum, world)
+        driver = GraphSafeDriver(objective, opt, self.accum, ranks.world)
         self.body = StepBody(cfg, driver, opt, ema, meter, self.faults, ranks, start_step)
         self.raw: list[torch.Tensor] | None = None  # per micro-step [micro, C, H, W] uint8, on first fill
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -44,7 +44,7 @@ from diti_fast.data.errors import DataError
 from diti_fast.engine import checkpoints as ckpt
 from diti_fast.engine import run_lock
 from diti_fast.engine.checkpoints import load_checkpoint
-from diti_fast.engine.distributed import (RankFailure, base_optimizer, deepspeed_config, make_optimizer,
+from diti_fast.engine.distributed import (RankFailure, Ranks, base_optimizer, deepspeed_config, make_optimizer,
                                           setup_distributed)
 from diti_fast.engine.elastic import check_internals
 from diti_fast.engine.ema import EMA
@@ -56,7 +56,7 @@ from diti_fast.engine.objective import Objective, check_init_ddpm, load_frozen_d
 from diti_fast.engine.config_files import PRESETS, dump_yaml, load_config, resolved_dict
 from diti_fast.engine.resume_rules import resume_conflicts
 from diti_fast.engine.run_config import TrainConfig, validate_runtime
-from diti_fast.engine.run_state import Ranks, Run
+from diti_fast.engine.run_state import Run
 from diti_fast.engine.step import DeepSpeedDriver, EagerStep, StepBody
 from diti_fast.engine.stopping import StopSignal, stop_reason
 from diti_fast.engine.visuals import Visuals
@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, micro: int, size: int) -> TrainResult:
     step, position = 0, None
     if latest is not None:
         step, position = load_checkpoint(cfg, latest, found[1], engine, ema, ranks)
-    data = MicroBatches(cfg, ranks.rank, ranks.world, micro, size, position, ranks.device)
+    data = MicroBatches(cfg, ranks, size, position)
     run = Run(cfg, run_dir, ranks, objective, engine, ema, data, last_checkpoint=latest)
     total = cfg.total_steps()
     meter = Meter(cfg.log.t_buckets, cfg.model.diffusion.timesteps, ranks.device)
@@ -232,8 +232,7 @@ def make_step(plan: StepPlan, cfg: TrainConfig, run: Run, opt, meter: Meter, fau
     """The step the plan asks for: the graph-safe one (captured on CUDA) or DeepSpeed's."""
     r = run.ranks
     if plan.graph_safe:
-        return GraphStep(plan, cfg, run.objective, opt, run.ema, meter, run.data, r.rank, r.world, r.micro,
-                         r.device, step, faults)
+        return GraphStep(plan, cfg, run.objective, opt, run.ema, meter, run.data, r, step, faults)
     return EagerStep(StepBody(cfg, DeepSpeedDriver(run.engine), opt, run.ema, meter, faults, r, step), run.data)
 
 

@@ -11,6 +11,7 @@ from diti_fast.config import ConfigError
 from diti_fast.data.errors import DataError
 from diti_fast.data.model_input import to_model_input as _convert
 from diti_fast.data.skip_stats import REASONS
+from diti_fast.engine.distributed import Ranks
 from diti_fast.engine.run_config import TrainConfig
 
 
@@ -30,17 +31,16 @@ class MicroBatches:
     (skipped samples never shift it: see diti_fast/data/train_stream.py).
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, micro: int, size: int, position: dict | None,
-                 device: torch.device):
-        self.cfg, self.rank, self.world, self.micro = cfg, rank, world, micro
-        self.device = device
+    def __init__(self, cfg: TrainConfig, ranks: Ranks, size: int, position: dict | None):
+        self.cfg, self.rank, self.world, self.micro = cfg, ranks.rank, ranks.world, ranks.micro
+        self.device = ranks.device
         self.position = dict(position or {"epoch": 0, "batch": 0})
         self._it = None
         self._loader = None
         self._skipped: Counter = Counter()  # finished epochs of this launch
         if cfg.data.source == "fixed":
-            self.fixed = fixed_batch(cfg, size).to(device)  # on the device once: no copy per step
-            self.local = cfg.data.batch_size // world
+            self.fixed = fixed_batch(cfg, size).to(self.device)  # on the device once: no copy per step
+            self.local = cfg.data.batch_size // self.world
         else:
             self.spec, self.epoch_samples = shard_set(cfg, size)
 

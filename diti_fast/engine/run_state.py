@@ -1,7 +1,6 @@
 """What a training run holds once it is set up, and the writes it makes of it.
 
-:class:`Ranks` is where this process sits (rank, world size, device, micro-batch) so the engine's
-helpers take one object instead of four values. :class:`Run` bundles the objects a checkpoint or
+:class:`Run` bundles the objects a checkpoint or
 an export is made from, so the loop reads ``run.save(step)`` and ``run.export()``.
 """
 from __future__ import annotations
@@ -9,29 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from diti_fast.engine.checkpoints import checkpoint_step, save_checkpoint
+from diti_fast.engine.config_files import resolved_dict
+from diti_fast.engine.distributed import Ranks
 from diti_fast.engine.ema import EMA
 from diti_fast.engine.metrics import Meter
 from diti_fast.engine.microbatches import MicroBatches
 from diti_fast.engine.objective import Objective
-from diti_fast.engine.config_files import resolved_dict
 from diti_fast.engine.run_config import TrainConfig
 from diti_fast.weights import export_path, save_export
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-    device: torch.device
-    micro: int  # images per micro-batch on each rank
-
-    @property
-    def lead(self) -> bool:
-        """Rank 0: the one that writes shared files and prints."""
-        return self.rank == 0
 
 
 @dataclass

@@ -24,12 +24,12 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from diti_fast.data.model_input import to_model_input
+from diti_fast.engine.distributed import Ranks
 from diti_fast.engine.ema import EMA, step_weight
 from diti_fast.engine.faults import Faults
 from diti_fast.engine.metrics import Meter
 from diti_fast.engine.noise import first_index
 from diti_fast.engine.run_config import TrainConfig
-from diti_fast.engine.run_state import Ranks
 
 
 class DeepSpeedDriver:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from roofline import measure_copy_bandwidth  # benchmarks/ is on sys.path beside this conftest
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -16,30 +17,6 @@ def pytest_configure(config):
     unknown addopt stops it before collecting anything). --benchmark-enable turns them on."""
     if config.pluginmanager.hasplugin("benchmark") and not config.getoption("benchmark_enable", False):
         config.option.benchmark_disable = True
-
-
-def measure_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20, device: str | torch.device = "cuda") -> float:
-    """Median GB/s (1e9 bytes/s, read + write counted) of ``dst.copy_(src)`` on one CUDA device.
-
-    1 GiB buffers are far beyond any L2, so this is HBM bandwidth as a plain copy achieves it.
-    """
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):  # warm-up: allocator, clocks
-        dst.copy_(src)
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / times[len(times) // 2] / 1e9
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from roofline import measure_copy_bandwidth  # benchmarks/, this script's folder
+
 GROUPS = 32
 
 # The UNet hyper-parameters of the presets (configs/<preset>.yaml, model.unet) and their image size;
@@ -195,29 +197,6 @@ class Timer:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / self.inner)
         return statistics.median(times)
-
-
-def copy_bandwidth(cuda: bool, nbytes: int) -> float:
-    """Median device-to-device (or, in the rehearsal, host memory) copy GB/s, read + write counted."""
-    dev = "cuda" if cuda else "cpu"
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            t = time.perf_counter() - t0
-        if i >= 3:  # warm-up: allocator, clocks
-            times.append(t)
-    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 def _n_sets(per_set_bytes: int, tiny: bool) -> int:
@@ -536,7 +515,8 @@ def main(argv=None) -> int:
         doc["sm_count"] = sms
         doc["method"] = (f"CUDA graph of {inner} back-to-back launch sequences (events as fallback), median of "
                          f"{reps} replays; inputs rotate over >= {L2_ROTATE_BYTES / 1e6:.0f} MB")
-    doc["copy_gb_s"] = _sig(copy_bandwidth(cuda, (1 << 30) if cuda else (1 << 24)))
+    doc["copy_gb_s"] = _sig(measure_copy_bandwidth((1 << 30) if cuda else (1 << 24), iters=10,
+                                                   device="cuda" if cuda else "cpu"))
     _write(args.json, doc)
     copy_gbs = doc["copy_gb_s"]
 

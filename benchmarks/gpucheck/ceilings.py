@@ -1,41 +1,31 @@
 """Phase ``ceilings``: device-to-device copy bandwidth (the roofline of the memory-bound kernels,
-measured by the same function as the benchmarks' ``copy_bandwidth`` fixture) and matmul rates."""
+``roofline.measure_copy_bandwidth``, as the benchmarks' fixture and kernel_timing.py measure it) and matmul rates."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 from gpucheck.children import run_child
-from gpucheck.settings import REPO, TINY
+from gpucheck.settings import TINY
+
 
 def worker_ceilings(out: Path, tiny: bool = False) -> None:
     """Copy bandwidth (the roofline of memory-bound kernels) and matmul rates (of the engine)."""
-    import torch
+    import torch  # lazy: the parent process never imports torch
+    from roofline import measure_copy_bandwidth  # imports torch too
     res: dict = {}
     if torch.cuda.is_available():
-        spec = importlib.util.spec_from_file_location("_bench_conftest", REPO / "benchmarks" / "conftest.py")
-        conf = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(conf)
-        # The same function the benchmarks' copy_bandwidth fixture uses: one definition of the ceiling.
         res["device"] = torch.cuda.get_device_name()
-        res["copy_GBps"] = conf.measure_copy_bandwidth()
+        res["copy_GBps"] = measure_copy_bandwidth()
         res["copy_method"] = "median of 20 dst.copy_(src), 1 GiB uint8, read+write bytes, CUDA events"
         dev, n, reps = "cuda", 8192, 10
     else:  # --allow-cpu: the same quantities for this CPU, small sizes
         res["device"] = "cpu"
         res["rehearsal"] = True
-        src = torch.empty(TINY["ceiling_copy_bytes"] if tiny else 1 << 28, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t0)
-        res["copy_GBps"] = 2 * src.numel() / sorted(times)[2] / 1e9
-        res["copy_method"] = (f"median of 5 dst.copy_(src), {src.numel() >> 20} MiB uint8, read+write bytes, "
+        nbytes = TINY["ceiling_copy_bytes"] if tiny else 1 << 28
+        res["copy_GBps"] = measure_copy_bandwidth(nbytes, iters=5, device="cpu", warmup=1)
+        res["copy_method"] = (f"median of 5 dst.copy_(src), {nbytes >> 20} MiB uint8, read+write bytes, "
                               "host clock")
         dev, n, reps = "cpu", TINY["ceiling_matmul_n"] if tiny else 1024, 3
     mm = {}

@@ -70,6 +70,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    bit-equal reductions across runs, and no thread overhead on tiny tensors. Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def golden_fixture() -> Path:
     return SHARED_FIXTURE if SHARED_FIXTURE.is_file() else SHIPPED_FIXTURE
 

@@ -20,6 +20,8 @@ from diti_fast.weights import export_path, save_export
 from diti_fast.nn import build_decoder, build_encoder, build_unet
 from data_shards import synthetic  # first-party: an ImportError must fail the tests, not skip them
 
+# Batches of 2-16 tiny 32 px images: on a 2-core runner intra-op threads cost more than they give.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(base: int = 32) -> ModelConfig:
@@ -27,15 +29,6 @@ def tiny_cfg(base: int = 32) -> ModelConfig:
                                        attention_resolutions=(2,)),
                        masks=MaskConfig(k=64, stages=(50, 100, 300, 500, 1000), dims_per_stage=(10, 25, 327, 100, 50)),
                        encoder=EncoderConfig(name="shapes32"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches of 2-16 tiny 32 px images: on a 2-core runner intra-op threads cost more than they give."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

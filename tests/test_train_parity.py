@@ -23,6 +23,8 @@ from diti_fast.engine.microbatches import fixed_batch
 from diti_fast.engine.objective import Objective, load_frozen_ddpm
 from test_train_engine import tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS, BATCH, T = 4, 4, 1000
 # A staged chunk layout (k = 8 chunks over 64 dims), so the prefix ends are uneven: chunk i covers
 # t in [ceil(125 i), ceil(125 (i+1))) and belongs to the first stage boundary strictly greater than
@@ -100,14 +102,6 @@ def ddpm_export(tmp_path_factory) -> Path:
     res = train(tiny(run, *WIDE, "stage=ddpm", "data.image_size=16", "run.max_images=8"))
     assert res.status == "done"
     return res.export
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-loss"])

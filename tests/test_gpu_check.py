@@ -360,20 +360,16 @@ def _write_results(d: Path) -> dict:
     kt = {"status": "ok", "compiled": True, "totals": {"passed": 120, "failed": 0, "error": 0, "skipped": 3, "total": 123},
           "failures": []}
     b = []
-    # GroupNorm C256_32x32 bf16 fwd_bwd: eager 300us, compile 130us, triton 80us at 3612 GB/s (0.84 of copy)
-    for v, t in (("eager", 300e-6), ("compile", 130e-6), ("triton", 80e-6)):
-        p = {"shape": "C256_32x32", "dtype": "bf16", "mode": "fwd_bwd", "variant": v}
-        extra = {"min_traffic_GBps": 3612.0 if v == "triton" else 1000.0, "copy_GBps": copy}
-        if v == "triton":
-            extra["fraction_of_copy"] = 3612.0 / copy
-        b.append(_bench(AGN, f"test_adaptive_group_norm[{v}]", p, t * 20, **extra))
-    # C128_64x64: just under every GroupNorm goal (70 % of copy, 2.90x eager, 1.25x compile)
-    for v, t in (("eager", 290e-6), ("compile", 125e-6), ("triton", 100e-6)):
-        p = {"shape": "C128_64x64", "dtype": "bf16", "mode": "fwd_bwd", "variant": v}
-        extra = {"min_traffic_GBps": 3010.0 if v == "triton" else 1000.0, "copy_GBps": copy}
-        if v == "triton":
-            extra["fraction_of_copy"] = 3010.0 / copy
-        b.append(_bench(AGN, f"test_adaptive_group_norm[64-{v}]", p, t * 20, **extra))
+    # GroupNorm bf16 fwd_bwd. C256_32x32: eager 300us, compile 130us, triton 80us at 3612 GB/s (0.84 of
+    # copy). C128_64x64: just under every GroupNorm goal (70 % of copy, 2.90x eager, 1.25x compile).
+    for shape, tag, gbps, times in (("C256_32x32", "", 3612.0, (300e-6, 130e-6, 80e-6)),
+                                    ("C128_64x64", "64-", 3010.0, (290e-6, 125e-6, 100e-6))):
+        for v, t in zip(("eager", "compile", "triton"), times):
+            p = {"shape": shape, "dtype": "bf16", "mode": "fwd_bwd", "variant": v}
+            extra = {"min_traffic_GBps": gbps if v == "triton" else 1000.0, "copy_GBps": copy}
+            if v == "triton":
+                extra["fraction_of_copy"] = gbps / copy
+            b.append(_bench(AGN, f"test_adaptive_group_norm[{tag}{v}]", p, t * 20, **extra))
     for v, t in (("eager", 90e-6), ("compile", 50e-6), ("triton", 40e-6)):
         b.append(_bench(AGN, f"test_adaptive_group_norm[fwd-{v}]",
                         {"shape": "C256_32x32", "dtype": "bf16", "mode": "fwd", "variant": v}, t * 20,
